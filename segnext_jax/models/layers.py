@@ -1,0 +1,210 @@
+"""Building blocks with PyTorch's semantics in NHWC: convolutions, norms, activations, stochastic layers, resize.
+
+Flax's own layers differ from PyTorch's in defaults that matter for exact parity (epsilons, BatchNorm momentum and
+its biased running variance, tanh-approximate GELU, 'SAME' padding), so SegNeXt uses these instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+DType = Any
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def conv_kernel_init(key: jax.Array, shape: tuple[int, ...], groups: int = 1, std: float | None = None) -> jax.Array:
+    """The reference's conv init: normal(0, sqrt(2 / fan_out)), fan_out = kh * kw * out_channels // groups.
+
+    Drawn with numpy from a generator seeded by `key`: jax.random would compile one program per kernel shape, which
+    made building a model take 15+ seconds.
+    """
+    kh, kw, _, out_channels = shape
+    if std is None:
+        std = math.sqrt(2.0 / (kh * kw * out_channels // groups))
+    generator = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    return jnp.asarray(std * generator.standard_normal(shape, np.float32))
+
+
+class Conv2d(nnx.Module):
+    """A dense 2-D convolution (PyTorch `nn.Conv2d`, groups=1) in NHWC with an HWIO kernel and explicit padding.
+
+    1x1 stride-1 convolutions run as matrix products, which XLA:CPU executes several times faster.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int] = 1,
+        *,
+        stride: int = 1,
+        padding: int | tuple[int, int] = 0,
+        use_bias: bool = True,
+        init_std: float | None = None,
+        dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kh, kw = _pair(kernel_size)
+        self.stride = stride
+        self.padding = _pair(padding)
+        self.dtype = dtype
+        self.kernel = nnx.Param(conv_kernel_init(rngs.params(), (kh, kw, in_channels, out_channels), std=init_std))
+        self.bias = nnx.Param(jnp.zeros((out_channels,), jnp.float32)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        if kernel.shape[:2] == (1, 1) and self.stride == 1 and self.padding == (0, 0):
+            y = jnp.dot(x, kernel[0, 0])
+        else:
+            ph, pw = self.padding
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(self.stride, self.stride),
+                padding=((ph, ph), (pw, pw)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class BatchNorm2d(nnx.Module):
+    """PyTorch's `nn.BatchNorm2d` over the last axis: eps 1e-5, momentum 0.1, and the running variance updated with
+    the unbiased batch variance (normalisation itself uses the biased one), statistics in float32.
+
+    Under `jax.jit` with a batch-sharded input the statistics are those of the global batch (SyncBN).
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1):
+        self.eps = eps
+        self.momentum = momentum
+        self.use_running_average = False
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            count = math.prod(x.shape[:-1])
+            unbiased = var * (count / max(count - 1, 1))
+            m = self.momentum
+            self.mean[...] = jax.lax.stop_gradient((1 - m) * self.mean[...] + m * mean)
+            self.var[...] = jax.lax.stop_gradient((1 - m) * self.var[...] + m * unbiased)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """PyTorch's `nn.LayerNorm(C)` over the last axis, eps 1e-5, computed in float32."""
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, -1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+class GroupNorm(nnx.Module):
+    """PyTorch's `nn.GroupNorm(num_groups, C)` for NHWC input, eps 1e-5, computed in float32."""
+
+    def __init__(self, num_groups: int, num_features: int, *, eps: float = 1e-5):
+        if num_features % num_groups:
+            raise ValueError(f"GroupNorm: {num_features} channels do not split into {num_groups} groups")
+        self.num_groups = num_groups
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, c = x.shape
+        xf = x.astype(jnp.float32).reshape(n, h, w, self.num_groups, c // self.num_groups)
+        mean = jnp.mean(xf, (1, 2, 4), keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), (1, 2, 4), keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """PyTorch's default `nn.GELU()`: the exact erf form, not Flax's tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class GELU(nnx.Module):
+    """Parameter-free GELU module, so that `proj` sequences keep the reference's indices (StemConv's proj.2)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return gelu(x)
+
+
+class _RandomDrop(nnx.Module):
+    """Zeroes slices of the input with probability `rate` and scales the kept ones by 1 / (1 - rate); identity when
+    deterministic (`model.eval()`) or rate == 0. Subclasses choose which slices share one draw."""
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs | None = None):
+        self.rate = rate
+        self.deterministic = False
+        self.rngs = rngs["dropout"].fork() if (rngs is not None and rate > 0) else nnx.data(None)
+
+    def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        if self.deterministic or self.rate == 0.0:
+            return x
+        if rngs is not None:
+            key = rngs["dropout"]()
+        elif self.rngs is not None:
+            key = self.rngs()
+        else:
+            raise ValueError(
+                f"{type(self).__name__} in training mode needs random numbers: build the model with rngs= or pass rngs="
+            )
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(key, keep, self.mask_shape(x))
+        return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class DropPath(_RandomDrop):
+    """Stochastic depth per sample (mmcv `DropPath`): a whole residual branch is dropped for a sample."""
+
+    def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
+        return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+
+class Dropout2d(_RandomDrop):
+    """PyTorch's `nn.Dropout2d` for NHWC: whole channels are dropped per sample."""
+
+    def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
+        return (x.shape[0], 1, 1, x.shape[-1])
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize of NHWC `x` to `size` (h, w), equal to PyTorch's `F.interpolate(..., 'bilinear',
+    align_corners=False)` in both directions (no antialiasing when shrinking)."""
+    if tuple(x.shape[1:3]) == tuple(size):
+        return x
+    return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), "bilinear", antialias=False)

@@ -1,0 +1,169 @@
+"""MSCAN, SegNeXt's convolutional-attention encoder (mmseg 1.2.2 `mscan.py`), in NHWC.
+
+Attribute names and list indices mirror the reference's module tree, so the state_dict key
+`block1.0.attn.spatial_gating_unit.conv0_1.weight` is the parameter path
+`('block1', 0, 'attn', 'spatial_gating_unit', 'conv0_1', 'kernel')`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from segnext_jax.models.depthwise import DepthwiseConv2d
+from segnext_jax.models.layers import GELU, BatchNorm2d, Conv2d, DropPath, DType, LayerNorm, gelu
+
+
+class StemConv(nnx.Module):
+    """Stage-1 patch embedding: two 3x3 stride-2 convolutions with BatchNorm, GELU between (stride 4 overall)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, dtype: DType, rngs: nnx.Rngs):
+        mid = out_channels // 2
+        self.proj = nnx.List(
+            [
+                Conv2d(in_channels, mid, 3, stride=2, padding=1, dtype=dtype, rngs=rngs),
+                BatchNorm2d(mid),
+                GELU(),
+                Conv2d(mid, out_channels, 3, stride=2, padding=1, dtype=dtype, rngs=rngs),
+                BatchNorm2d(out_channels),
+            ]
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.proj:
+            x = layer(x)
+        return x
+
+
+class OverlapPatchEmbed(nnx.Module):
+    """Stages 2-4 patch embedding: a 3x3 stride-2 convolution (padding 1) and BatchNorm."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, dtype: DType, rngs: nnx.Rngs):
+        self.proj = Conv2d(in_channels, out_channels, 3, stride=2, padding=1, dtype=dtype, rngs=rngs)
+        self.norm = BatchNorm2d(out_channels)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.norm(self.proj(x))
+
+
+class MSCAAttention(nnx.Module):
+    """Multi-scale convolutional attention: a 5x5 depth-wise conv, three strip branches (7, 11, 21), a 1x1 channel
+    mix, and the result used as attention weights on the input (official name: AttentionModule)."""
+
+    def __init__(self, dim: int, *, depthwise_impl: str, dtype: DType, rngs: nnx.Rngs):
+        def dw(kh: int, kw: int) -> DepthwiseConv2d:
+            return DepthwiseConv2d(
+                dim, (kh, kw), padding=(kh // 2, kw // 2), impl=depthwise_impl, dtype=dtype, rngs=rngs
+            )
+
+        self.conv0 = dw(5, 5)
+        self.conv0_1, self.conv0_2 = dw(1, 7), dw(7, 1)
+        self.conv1_1, self.conv1_2 = dw(1, 11), dw(11, 1)
+        self.conv2_1, self.conv2_2 = dw(1, 21), dw(21, 1)
+        self.conv3 = Conv2d(dim, dim, 1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        attn = self.conv0(x)
+        attn_0 = self.conv0_2(self.conv0_1(attn))
+        attn_1 = self.conv1_2(self.conv1_1(attn))
+        attn_2 = self.conv2_2(self.conv2_1(attn))
+        attn = self.conv3(attn + attn_0 + attn_1 + attn_2)
+        return attn * x
+
+
+class MSCASpatialAttention(nnx.Module):
+    """1x1 conv, GELU, MSCA, 1x1 conv, plus an inner residual (official name: SpatialAttention)."""
+
+    def __init__(self, dim: int, *, depthwise_impl: str, dtype: DType, rngs: nnx.Rngs):
+        self.proj_1 = Conv2d(dim, dim, 1, dtype=dtype, rngs=rngs)
+        self.spatial_gating_unit = MSCAAttention(dim, depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs)
+        self.proj_2 = Conv2d(dim, dim, 1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = gelu(self.proj_1(x))
+        y = self.proj_2(self.spatial_gating_unit(y))
+        return y + x
+
+
+class Mlp(nnx.Module):
+    """The block's feed-forward: 1x1 conv, 3x3 depth-wise conv, GELU, 1x1 conv (dropout rate 0 in every config)."""
+
+    def __init__(self, dim: int, hidden: int, *, depthwise_impl: str, dtype: DType, rngs: nnx.Rngs):
+        self.fc1 = Conv2d(dim, hidden, 1, dtype=dtype, rngs=rngs)
+        self.dwconv = DepthwiseConv2d(hidden, (3, 3), padding=(1, 1), impl=depthwise_impl, dtype=dtype, rngs=rngs)
+        self.fc2 = Conv2d(hidden, dim, 1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(gelu(self.dwconv(self.fc1(x))))
+
+
+class MSCABlock(nnx.Module):
+    """One MSCAN block: x + drop_path(ls1 * attn(bn(x))), then x + drop_path(ls2 * mlp(bn(x)))."""
+
+    def __init__(
+        self, dim: int, mlp_ratio: float, drop_path: float, *, depthwise_impl: str, dtype: DType, rngs: nnx.Rngs
+    ):
+        self.norm1 = BatchNorm2d(dim)
+        self.attn = MSCASpatialAttention(dim, depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs)
+        self.drop_path = DropPath(drop_path, rngs=rngs)
+        self.norm2 = BatchNorm2d(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs)
+        self.layer_scale_1 = nnx.Param(jnp.full((dim,), 1e-2, jnp.float32))
+        self.layer_scale_2 = nnx.Param(jnp.full((dim,), 1e-2, jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        ls1 = self.layer_scale_1[...].astype(self.dtype)
+        ls2 = self.layer_scale_2[...].astype(self.dtype)
+        x = x + self.drop_path(ls1 * self.attn(self.norm1(x)), rngs=rngs)
+        x = x + self.drop_path(ls2 * self.mlp(self.norm2(x)), rngs=rngs)
+        return x
+
+
+class MSCAN(nnx.Module):
+    """The four-stage encoder; returns the four LayerNorm'd NHWC stage outputs at strides 4, 8, 16, 32."""
+
+    def __init__(
+        self,
+        embed_dims: tuple[int, ...],
+        depths: tuple[int, ...],
+        mlp_ratios: tuple[float, ...] = (8, 8, 4, 4),
+        drop_path_rate: float = 0.1,
+        *,
+        depthwise_impl: str = "auto",
+        dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.embed_dims = tuple(embed_dims)
+        self.depths = tuple(depths)
+        self.dtype = dtype
+        rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()  # linear over all blocks, as torch.linspace
+        start = 0
+        for i, (dim, depth, ratio) in enumerate(zip(embed_dims, depths, mlp_ratios)):
+            if i == 0:
+                embed = StemConv(3, dim, dtype=dtype, rngs=rngs)
+            else:
+                embed = OverlapPatchEmbed(embed_dims[i - 1], dim, dtype=dtype, rngs=rngs)
+            blocks = nnx.List(
+                [
+                    MSCABlock(dim, ratio, rates[start + j], depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs)
+                    for j in range(depth)
+                ]
+            )
+            start += depth
+            setattr(self, f"patch_embed{i + 1}", embed)
+            setattr(self, f"block{i + 1}", blocks)
+            setattr(self, f"norm{i + 1}", LayerNorm(dim))
+
+    def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> list[jax.Array]:
+        x = images.astype(self.dtype)
+        outs = []
+        for i in range(1, len(self.depths) + 1):
+            x = getattr(self, f"patch_embed{i}")(x)
+            for block in getattr(self, f"block{i}"):
+                x = block(x, rngs=rngs)
+            x = getattr(self, f"norm{i}")(x)
+            outs.append(x)
+        return outs
