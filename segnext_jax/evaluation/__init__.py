@@ -1,0 +1,1 @@
+"""Evaluation: MMSegmentation's IoU metrics."""

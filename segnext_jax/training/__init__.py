@@ -1,0 +1,1 @@
+"""Training maths of the reference recipe: optimiser groups, learning-rate schedule and loss."""
