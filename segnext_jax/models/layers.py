@@ -160,36 +160,50 @@ class GELU(nnx.Module):
         return gelu(x)
 
 
+class DropRate(nnx.Variable):
+    """A fixed drop probability held as state rather than structure, so that blocks differing only in their stochastic
+    depth rate share one structure and can run under `jax.lax.scan`."""
+
+
 class _RandomDrop(nnx.Module):
     """Zeroes slices of the input with probability `rate` and scales the kept ones by 1 / (1 - rate); identity when
-    deterministic (`model.eval()`) or rate == 0. Subclasses choose which slices share one draw."""
+    deterministic (`model.eval()`). Subclasses choose which slices share one draw.
 
-    def __init__(self, rate: float, *, rngs: nnx.Rngs | None = None):
+    Random keys come from `rngs` given at call time (an `nnx.Rngs`, or a key), else from the module's own stream.
+    """
+
+    def __init__(self, rate: float | DropRate, *, rngs: nnx.Rngs | None = None):
         self.rate = rate
         self.deterministic = False
-        self.rngs = rngs["dropout"].fork() if (rngs is not None and rate > 0) else nnx.data(None)
+        self.rngs = rngs["dropout"].fork() if rngs is not None else nnx.data(None)
 
     def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        if self.deterministic or self.rate == 0.0:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+        rate = self.rate[...] if isinstance(self.rate, DropRate) else self.rate
+        if self.deterministic or (isinstance(rate, float) and rate == 0.0):
             return x
-        if rngs is not None:
+        if isinstance(rngs, nnx.Rngs):
             key = rngs["dropout"]()
+        elif rngs is not None:
+            key = rngs
         elif self.rngs is not None:
             key = self.rngs()
         else:
             raise ValueError(
                 f"{type(self).__name__} in training mode needs random numbers: build the model with rngs= or pass rngs="
             )
-        keep = 1.0 - self.rate
+        keep = 1.0 - rate
         mask = jax.random.bernoulli(key, keep, self.mask_shape(x))
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
 class DropPath(_RandomDrop):
     """Stochastic depth per sample (mmcv `DropPath`): a whole residual branch is dropped for a sample."""
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs | None = None):
+        super().__init__(DropRate(jnp.asarray(rate, jnp.float32)), rngs=rngs)
 
     def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
         return (x.shape[0],) + (1,) * (x.ndim - 1)

@@ -114,12 +114,41 @@ class MSCABlock(nnx.Module):
         self.layer_scale_2 = nnx.Param(jnp.full((dim,), 1e-2, jnp.float32))
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+        """`rngs`: an `nnx.Rngs` or one key (split between the two branches' stochastic depth) or None."""
+        rngs_attn = rngs_mlp = rngs
+        if rngs is not None and not isinstance(rngs, nnx.Rngs):
+            rngs_attn, rngs_mlp = jax.random.split(rngs)
         ls1 = self.layer_scale_1[...].astype(self.dtype)
         ls2 = self.layer_scale_2[...].astype(self.dtype)
-        x = x + self.drop_path(ls1 * self.attn(self.norm1(x)), rngs=rngs)
-        x = x + self.drop_path(ls2 * self.mlp(self.norm2(x)), rngs=rngs)
+        x = x + self.drop_path(ls1 * self.attn(self.norm1(x)), rngs=rngs_attn)
+        x = x + self.drop_path(ls2 * self.mlp(self.norm2(x)), rngs=rngs_mlp)
         return x
+
+
+def run_blocks(blocks: nnx.List, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    """Applies a stage's blocks in order, as one `jax.lax.scan` over their stacked state.
+
+    The blocks share one structure, so XLA compiles the block once per stage instead of once per block (the L model
+    has 27 blocks in stage 3). Batch statistics and random-stream counters the blocks update are written back.
+    """
+    if len(blocks) == 1:
+        return blocks[0](x, rngs=rngs)
+    keys = None
+    if rngs is not None and not blocks[0].drop_path.deterministic:
+        keys = jax.random.split(rngs["dropout"](), len(blocks))
+    graphdef = nnx.graphdef(blocks[0])
+    stacked = jax.tree.map(lambda *values: jnp.stack(values), *[nnx.state(block) for block in blocks])
+
+    def body(carry, inputs):
+        state, key = inputs
+        block = nnx.merge(graphdef, state)
+        return block(carry, rngs=key), nnx.state(block, nnx.Not(nnx.Param))
+
+    x, updated = jax.lax.scan(body, x, (stacked, keys))
+    for i, block in enumerate(blocks):
+        nnx.update(block, jax.tree.map(lambda value, i=i: value[i], updated))
+    return x
 
 
 class MSCAN(nnx.Module):
@@ -162,8 +191,7 @@ class MSCAN(nnx.Module):
         outs = []
         for i in range(1, len(self.depths) + 1):
             x = getattr(self, f"patch_embed{i}")(x)
-            for block in getattr(self, f"block{i}"):
-                x = block(x, rngs=rngs)
+            x = run_blocks(getattr(self, f"block{i}"), x, rngs)
             x = getattr(self, f"norm{i}")(x)
             outs.append(x)
         return outs
