@@ -24,12 +24,15 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
 def conv_kernel_init(key: jax.Array, shape: tuple[int, ...], groups: int = 1, std: float | None = None) -> jax.Array:
     """The reference's conv init: normal(0, sqrt(2 / fan_out)), fan_out = kh * kw * out_channels // groups.
 
-    Drawn with numpy from a generator seeded by `key`: jax.random would compile one program per kernel shape, which
-    made building a model take 15+ seconds.
+    Eagerly it is drawn with numpy from a generator seeded by `key`: jax.random would compile one program per kernel
+    shape, which made building a model take 15+ seconds. Under a trace (`nnx.eval_shape`, `jax.jit`) it uses
+    jax.random, so values differ from an eager build with the same key; shapes and distribution do not.
     """
     kh, kw, _, out_channels = shape
     if std is None:
         std = math.sqrt(2.0 / (kh * kw * out_channels // groups))
+    if isinstance(key, jax.core.Tracer):
+        return std * jax.random.normal(key, shape, jnp.float32)
     generator = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
     return jnp.asarray(std * generator.standard_normal(shape, np.float32))
 
