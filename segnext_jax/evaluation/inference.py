@@ -1,0 +1,273 @@
+"""Inference as MMSegmentation 1.2.2 tests a segmentor: whole image, sliding window, multi-scale + flip.
+
+What mmseg does, and so what this module does (segnext_reference.md §3.4; mmseg `EncoderDecoder`,
+`SegDataPreProcessor`, `BaseSegmentor.postprocess_result`, `SegTTAModel`):
+- the normalised image is padded bottom/right with 0 to a multiple of `size_divisor` (32 in every SegNeXt config;
+  the data preprocessor does this in both modes);
+- 'whole': one network call on the padded image; 'slide': windows of `crop_size` every `stride` (mmseg's
+  `slide_inference` grid: the last window is moved back inside the image, a crop larger than the image shrinks to
+  it, windows are never padded), their logits summed and divided by the number of windows covering each pixel;
+- every network call's stride-8 logits are resized bilinearly (align_corners=False) to that call's input size;
+- the padding is cropped off, a flipped input's logits are flipped back, and the result is resized bilinearly to
+  the output size (mmseg's `ori_shape`);
+- multi-scale + flip (`SegTTAModel`) averages the softmax of every augmentation's logits at the output size.
+
+Randomness: SegNeXt's decoder draws random NMF bases at every call. Here image n of a batch has its own key (the
+n-th of `key`'s per-image keys), network call w of that image uses `fold_in(image key, w)` and augmentation a of
+`infer_multiscale` uses `fold_in(image key, a)` as its image key, so results are repeatable and do not depend on
+the batch an image is in. `nmf_bases` instead gives every call the same bases (as the reference's tests fix them).
+
+The network runs in one jitted function per input shape (jax caches it), with the model in evaluation mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from segnext_jax.data.transforms import keep_ratio_size, normalize
+from segnext_jax.models import draw_nmf_bases
+from segnext_jax.models.layers import resize_bilinear
+
+MODES = ("whole", "slide")
+MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the reference's multi-scale test ratios
+SIZE_DIVISOR = 32  # SegNeXt's data_preprocessor test_cfg: inputs padded to a multiple of 32
+
+Window = tuple[int, int, int, int]  # (y1, y2, x1, x2)
+
+
+def slide_windows(size: tuple[int, int], crop_size: tuple[int, int], stride: tuple[int, int]) -> list[Window]:
+    """mmseg's `slide_inference` windows (y1, y2, x1, x2) over an image of `size` (height, width), row by row."""
+    (h_img, w_img), (h_crop, w_crop), (h_stride, w_stride) = size, crop_size, stride
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    windows = []
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y2 = min(h_idx * h_stride + h_crop, h_img)
+            x2 = min(w_idx * w_stride + w_crop, w_img)
+            windows.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
+    return windows
+
+
+def image_keys(key: jax.Array | None, num_images: int) -> jax.Array:
+    """One PRNG key per image: `key` (default `jax.random.key(0)`) folded with 0..n-1, or `key` itself if it
+    already holds n keys. Raw uint32 keys are accepted."""
+    key = jax.random.key(0) if key is None else jnp.asarray(key)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if key.ndim == 0:
+        return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num_images))
+    if key.shape != (num_images,):
+        raise ValueError(f"key: give one key, or one per image ({num_images}); got shape {key.shape}")
+    return key
+
+
+def fold_keys(keys: jax.Array, data: int) -> jax.Array:
+    """Every key of `keys` folded with the integer `data` (a window or augmentation index)."""
+    return jax.vmap(jax.random.fold_in, (0, None))(keys, data)
+
+
+def nmf_bases_shape(model: nnx.Module) -> tuple[int, int, int]:
+    """(S, D, R) of the model's NMF: splits, channels per split and rank; one image's bases are (S, D, R)."""
+    hamburger = model.decode_head.hamburger
+    splits = hamburger.ham.num_splits
+    return splits, hamburger.ham_in.conv.kernel.shape[-1] // splits, hamburger.ham.rank
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _draw_bases(keys: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
+    splits, dim, rank = shape
+    bases = jax.vmap(lambda k: draw_nmf_bases(k, 1, dim, rank, splits))(keys)
+    return bases.reshape(-1, dim, rank)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _network_logits(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, bases: jax.Array) -> jax.Array:
+    """The segmentor's `encode_decode`: logits resized to the input's size (N, h, w, K), evaluation mode."""
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return resize_bilinear(model(images, nmf_bases=bases), images.shape[1:3])
+
+
+@jax.jit
+def _accumulate(total: jax.Array, window_logits: jax.Array, y1: jax.Array, x1: jax.Array) -> jax.Array:
+    start = (0, y1, x1, 0)
+    window = jax.lax.dynamic_slice(total, start, window_logits.shape)
+    return jax.lax.dynamic_update_slice(total, window + window_logits, start)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _finish(
+    total: jax.Array, count: jax.Array, size: tuple[int, int], flip: bool, output_size: tuple[int, int]
+) -> jax.Array:
+    """Sum / count, padding cropped, a flipped input's logits flipped back, resized to `output_size`."""
+    logits = (total / count[None, :, :, None])[:, : size[0], : size[1]]
+    if flip:
+        logits = logits[:, :, ::-1]
+    return resize_bilinear(logits, output_size)
+
+
+def _check_mode(
+    mode: str, crop_size: tuple[int, int] | None, stride: tuple[int, int] | None
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "whole":
+        return None
+    if crop_size is None or stride is None:
+        raise ValueError("mode='slide' needs crop_size and stride, e.g. crop_size=(512, 512), stride=(341, 341)")
+    return (int(crop_size[0]), int(crop_size[1])), (int(stride[0]), int(stride[1]))
+
+
+def _infer(
+    model: nnx.Module,
+    images: jax.Array,
+    *,
+    mode: str,
+    crop_size: tuple[int, int] | None,
+    stride: tuple[int, int] | None,
+    output_size: tuple[int, int] | None,
+    size_divisor: int | None,
+    keys: jax.Array,
+    nmf_bases: jax.Array | None,
+    flip: bool,
+) -> jax.Array:
+    """Logits at `output_size` of normalised (N, H, W, 3) `images`; `flip`: the images are flipped copies."""
+    slide = _check_mode(mode, crop_size, stride)
+    n, h, w, _ = images.shape
+    output_size = (h, w) if output_size is None else (int(output_size[0]), int(output_size[1]))
+    divisor = size_divisor or 1
+    padded = (-(-h // divisor) * divisor, -(-w // divisor) * divisor)
+    images = jnp.pad(jnp.asarray(images, jnp.float32), ((0, 0), (0, padded[0] - h), (0, padded[1] - w), (0, 0)))
+    windows = [(0, padded[0], 0, padded[1])] if slide is None else slide_windows(padded, *slide)
+    graphdef, state = nnx.split(model)
+    count = np.zeros(padded, np.float32)
+    total = jnp.zeros((n, *padded, model.decode_head.conv_seg.kernel.shape[-1]), jnp.float32)
+    for index, (y1, y2, x1, x2) in enumerate(windows):
+        bases = nmf_bases if nmf_bases is not None else _draw_bases(fold_keys(keys, index), nmf_bases_shape(model))
+        window_logits = _network_logits(graphdef, state, images[:, y1:y2, x1:x2], bases)
+        total = _accumulate(total, window_logits, y1, x1)
+        count[y1:y2, x1:x2] += 1
+    return _finish(total, jnp.asarray(count), (h, w), flip, output_size)
+
+
+def infer_logits(
+    model: nnx.Module,
+    images: jax.Array,
+    *,
+    mode: str = "whole",
+    crop_size: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    output_size: tuple[int, int] | None = None,
+    size_divisor: int | None = SIZE_DIVISOR,
+    key: jax.Array | None = None,
+    nmf_bases: jax.Array | None = None,
+) -> jax.Array:
+    """Logits (N, H_out, W_out, K) float32 of normalised float32 `images` (N, H, W, 3) as mmseg's test step.
+
+    `mode` 'whole' or 'slide' (needs `crop_size` and `stride`, (height, width)); `output_size` (default (H, W)) is
+    the size the logits are resized to, e.g. the original image's before the test resize; `size_divisor` pads the
+    input to a multiple of it (None: no padding, as configs without a data-preprocessor test_cfg). `key`: one PRNG
+    key (per-image keys are derived) or one per image; `nmf_bases` (N*S, D, R) fixes the NMF bases of every call.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3) normalised float32; got shape {images.shape}")
+    return _infer(
+        model,
+        images,
+        mode=mode,
+        crop_size=crop_size,
+        stride=stride,
+        output_size=output_size,
+        size_divisor=size_divisor,
+        keys=image_keys(key, images.shape[0]),
+        nmf_bases=nmf_bases,
+        flip=False,
+    )
+
+
+def network_input_size(
+    height: int, width: int, ratio: float = 1.0, test_scale: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """Network input size (height, width) of an image for one test-time scale `ratio`.
+
+    Without `test_scale` it is mmseg 1.x's `Resize(scale_factor=ratio, keep_ratio=True)` of the image itself (the
+    `tta_pipeline`); with `test_scale` (long, short) it is the keep-ratio resize into `test_scale` * `ratio`, as the
+    single-scale test pipeline (ratio 1) and the official SegNeXt's `MultiScaleFlipAug(img_ratios=...)`.
+    """
+    if test_scale is None:
+        bound = (int(width * ratio + 0.5), int(height * ratio + 0.5))
+    else:
+        bound = (int(test_scale[0] * ratio), int(test_scale[1] * ratio))
+    return keep_ratio_size(height, width, bound)
+
+
+def infer_augmented_logits(
+    model: nnx.Module,
+    images: np.ndarray,
+    *,
+    ratio: float = 1.0,
+    flip: bool = False,
+    test_scale: tuple[int, int] | None = None,
+    output_size: tuple[int, int] | None = None,
+    mode: str = "whole",
+    crop_size: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    size_divisor: int | None = SIZE_DIVISOR,
+    key: jax.Array | None = None,
+    nmf_bases: jax.Array | None = None,
+) -> jax.Array:
+    """Logits (N, H_out, W_out, K) of uint8 RGB `images` (N, H, W, 3) through the reference's test pipeline for one
+    augmentation: resize (OpenCV bilinear, `network_input_size`), optional horizontal flip, normalise, then as
+    `infer_logits`; the output size defaults to the images' own (H, W)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be (N, H, W, 3) uint8 RGB; got {images.dtype} {images.shape}")
+    n, h, w, _ = images.shape
+    size = network_input_size(h, w, ratio, test_scale)
+    if size != (h, w):
+        images = np.stack([cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR) for image in images])
+    if flip:
+        images = images[:, :, ::-1]
+    return _infer(
+        model,
+        normalize(images),
+        mode=mode,
+        crop_size=crop_size,
+        stride=stride,
+        output_size=(h, w) if output_size is None else output_size,
+        size_divisor=size_divisor,
+        keys=image_keys(key, n),
+        nmf_bases=nmf_bases,
+        flip=flip,
+    )
+
+
+def infer_multiscale(
+    model: nnx.Module,
+    images: np.ndarray,
+    *,
+    scales: tuple[float, ...] = MS_SCALES,
+    flip: bool = True,
+    key: jax.Array | None = None,
+    **options,
+) -> jax.Array:
+    """Class probabilities (N, H_out, W_out, K) of uint8 RGB `images` (N, H, W, 3) averaged over test-time
+    augmentations, as mmseg's `SegTTAModel`: the mean of softmax(logits) over every scale ratio, each without and
+    (if `flip`) with a horizontal flip. `options` are `infer_augmented_logits`'s (test_scale, output_size, mode,
+    crop_size, stride, size_divisor, nmf_bases). Augmentation a (scale-major, unflipped first) uses per-image keys
+    folded with a."""
+    keys = image_keys(key, np.shape(images)[0])
+    augmentations = [(ratio, flipped) for ratio in scales for flipped in ((False, True) if flip else (False,))]
+    total = None
+    for index, (ratio, flipped) in enumerate(augmentations):
+        logits = infer_augmented_logits(model, images, ratio=ratio, flip=flipped, key=fold_keys(keys, index), **options)
+        probs = jax.nn.softmax(logits, axis=-1)
+        total = probs if total is None else total + probs
+    return total / len(augmentations)
