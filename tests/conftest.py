@@ -9,3 +9,8 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/oracle.py
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# Two pytest workers share two cores: one thread per PyTorch reference keeps them from oversubscribing the machine.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
