@@ -1,0 +1,93 @@
+"""segnext_jax.evaluation.evaluate: the validation loop's scores equal MMSegmentation's IoUMetric computed image by
+image, are repeatable (seeded NMF) and are written to WORKDIR/eval."""
+
+import json
+import math
+import os
+import runpy
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from oracle import import_mmseg
+
+from segnext_jax import models
+from segnext_jax.data import sources
+from segnext_jax.evaluation import evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def config():
+    config = runpy.run_path(os.path.join(REPO, "configs", "demo.py"))["get_config"]()
+    config.data.test_scale = (64, 32)  # the 128 px demo images enter the network at 32 px (output back at 128)
+    config.train.sample_predictions = 3
+    return config
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A random tiny SegNeXt in evaluation mode (its predictions are varied enough to exercise every class)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(models.VARIANTS, "tiny", models.Variant((32, 32, 64, 64), (1, 1, 1, 1), 0.1, 64, 8))
+        model = models.create("tiny", 6, rngs=nnx.Rngs(3), depthwise_impl="xla")
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def scored(model, config, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("eval"))
+    return workdir, evaluate.evaluate(model, config, step=7, workdir=workdir)
+
+
+def test_scores_equal_mmseg_iou_metric_image_by_image(model, config, scored):
+    """The oracle: each validation image predicted alone (batch of 1, its own index's NMF key) and scored with
+    mmseg's IoUMetric.intersect_and_union / total_area_to_metrics. evaluate() batches 8 images (the last batch
+    padded), so up to float rounding in the network the predictions, and so the scores, are the same."""
+    import_mmseg()
+    from mmseg.evaluation import IoUMetric
+
+    source = sources.open_source("demo", None, "val")
+    areas = []
+    for index, record in enumerate(source.records):
+        example = source.load(record)
+        prediction = np.asarray(evaluate.predict(model, example["image"][None], np.array([index]), config))[0]
+        areas.append(
+            IoUMetric.intersect_and_union(torch.tensor(prediction), torch.tensor(example["label"]), 6, 255)
+        )
+    totals = [sum(area) for area in zip(*areas)]
+    expected = IoUMetric.total_area_to_metrics(*totals, metrics=["mIoU"])
+    _, results = scored
+    assert results["aAcc"] == pytest.approx(float(expected["aAcc"]), abs=1e-4)
+    assert results["mIoU"] == pytest.approx(float(np.nanmean(expected["IoU"])), abs=1e-4)
+    assert results["mAcc"] == pytest.approx(float(np.nanmean(expected["Acc"])), abs=1e-4)
+    np.testing.assert_allclose(list(results["IoU"].values()), expected["IoU"], atol=1e-4)
+    assert 0.05 < results["aAcc"] < 0.95 and len({v for v in results["IoU"].values() if v > 0}) > 1
+
+
+def test_scores_are_repeatable_and_written(model, config, scored):
+    workdir, results = scored
+    assert evaluate.evaluate(model, config, step=7) == results  # the NMF bases are seeded per image
+    with open(os.path.join(workdir, "eval", "step_7.json")) as f:
+        record = json.load(f)
+    assert record["step"] == 7 and record["dataset"] == "demo" and record["eval"]["mode"] == "whole"
+    for name in ("aAcc", "mIoU", "mAcc"):
+        assert record[name] == results[name]
+    assert record["IoU"] == {k: (None if math.isnan(v) else v) for k, v in results["IoU"].items()}
+    overlays = sorted(os.listdir(os.path.join(workdir, "eval", "step_7")))
+    assert overlays == ["demo_val_00000.png", "demo_val_00001.png", "demo_val_00002.png"]
+
+
+def test_overlay_is_image_ground_truth_prediction():
+    image = np.full((2, 2, 3), 100, np.uint8)
+    label = np.array([[0, 255], [1, 0]])
+    prediction = np.array([[1, 1], [0, 0]])
+    palette = np.array([(0, 0, 0), (200, 100, 0)], np.uint8)
+    panel = evaluate.overlay(image, label, prediction, palette)
+    class0, class1 = [50, 50, 50], [150, 100, 50]  # half image, half class colour
+    np.testing.assert_array_equal(panel[:, :2], image)
+    np.testing.assert_array_equal(panel[:, 2:4], [[class0, [100, 100, 100]], [class1, class0]])  # 255: the image
+    np.testing.assert_array_equal(panel[:, 4:], [[class1, class1], [class0, class0]])

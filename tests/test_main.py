@@ -1,0 +1,59 @@
+"""python -m segnext_jax.main: bad command lines and missing inputs end in one line saying what to do."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from segnext_jax.data import datasets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CASES = {
+    "unknown leaf key": (
+        ["--config=configs/demo.py", "--config.optimizer.lrr=1"],
+        """error: unknown config key 'lrr' in --config.optimizer.lrr (Did you mean "lr" instead of "lrr"?)""",
+    ),
+    "unknown section": (
+        ["--config=configs/demo.py", "--config.trian.num_steps=3"],
+        """error: unknown config key 'trian' in --config.trian.num_steps (Did you mean "train" instead of "trian"?)""",
+    ),
+    "missing dataset": (
+        ["--config=configs/ade20k_t.py", "--config.data.root=/nonexistent/ade"],
+        "error: ade20k data not found at /nonexistent/ade: "
+        + datasets.DATASETS["ade20k"].prepare.replace("ROOT", "/nonexistent/ade"),
+    ),
+    "missing pretrained backbone": (
+        ["--config=configs/demo.py", "--config.init.pretrained=/nonexistent/mscan_t"],
+        "error: config.init.pretrained='/nonexistent/mscan_t' does not exist: convert the published ImageNet backbone "
+        "with `python -m weights_conversion mscan_<variant>.pth /nonexistent/mscan_t` (download links in README.md), "
+        "or set --config.init.pretrained='' to train from random weights",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every case's (return code, stderr), run in parallel; each gets its own empty workdir."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    started = {}
+    for name, (args, _) in CASES.items():
+        workdir = str(tmp_path_factory.mktemp("workdir"))
+        command = [sys.executable, "-m", "segnext_jax.main", f"--workdir={workdir}", *args]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        process = subprocess.Popen(command, cwd=REPO, env=env, **pipes)
+        started[name] = (process, workdir)
+    finished = {}
+    for name, (process, workdir) in started.items():
+        _, stderr = process.communicate(timeout=300)
+        finished[name] = (process.returncode, stderr.replace(workdir, "WORKDIR"))
+    return finished
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_error_is_one_line_saying_what_to_do(runs, case):
+    returncode, stderr = runs[case]
+    assert returncode == 1
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == CASES[case][1]
