@@ -218,7 +218,8 @@ def _pick_step(manager: ocp.CheckpointManager, path: epath.Path, step: int | str
         chosen = step
     if chosen is None or chosen not in manager.all_steps():
         raise ValueError(
-            f"{path}: no checkpoint for step={step!r} (saved: {list(manager.all_steps())}; 'best' needs an evaluated one)"
+            f"{path}: no checkpoint for step={step!r} "
+            f"(saved: {list(manager.all_steps())}; 'best' needs an evaluated one)"
         )
     return chosen
 

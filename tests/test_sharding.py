@@ -122,7 +122,9 @@ def test_two_processes_form_one_global_batch(tmp_path):
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     workers = [
-        subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         for i in range(2)
     ]
     outputs = [worker.communicate(timeout=120) for worker in workers]
