@@ -2,9 +2,8 @@
 
 Every `configs/<dataset>_<variant>.py` is `get_config()` around this function (`coco_stuff_*`, `pascal_context_*` and
 `voc_*` use the data registry's names coco_stuff164k, pascal_context_59, pascal_voc12_aug). Config files are
-loaded by path
-(`--config=configs/ade20k_b.py`, through `config_flags.DEFINE_config_file`), not imported as a package, so they load
-this file by its path next to them:
+loaded by path (`--config=configs/ade20k_b.py`, through `config_flags.DEFINE_config_file`), not imported as a
+package, so they load this file by its path next to them:
 
     make_config = runpy.run_path(os.path.join(os.path.dirname(__file__), "base.py"))["make_config"]
 
