@@ -18,9 +18,10 @@ eager warm-up), peak memory, CPU seconds per call, and the 1-minute load average
 
 Peak memory: on an accelerator, ours is XLA's footprint of the compiled program (arguments + outputs + temporaries,
 from `memory_analysis()`; the device's `peak_bytes_in_use` cannot be reset between configurations) and the
-reference's `torch.cuda.max_memory_allocated`; on CPU both are the growth of the process's resident memory during one
-call (peak RSS, reset through /proc/self/clear_refs, minus the RSS before the call): the activations and temporaries,
-not the parameters and optimiser state, which are resident before.
+reference's `torch.cuda.max_memory_allocated`; on CPU both are the growth of the process's resident memory during the
+side's first call (peak RSS, reset through /proc/self/clear_refs, minus the RSS before the call): the activations and
+temporaries, not the parameters and optimiser state, which are resident before. The first call, because later
+ones reuse what the allocators kept (torch's heap keeps freed memory; XLA returns its large buffers to the system).
 
 Threads: `--threads N` restricts the process to N CPUs with `os.sched_setaffinity` (what `taskset -c` does) before
 JAX creates its CPU client, which sizes its thread pools from that mask, and sets `torch.set_num_threads(N)`.
@@ -77,7 +78,7 @@ class Side:
 
     latency_s: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
-    peak_bytes: list[int] = field(default_factory=list)
+    peak_bytes: int = 0
     compile_s: float | None = None
     first_call_s: float | None = None
 
@@ -89,7 +90,7 @@ class Side:
             "latency_ms_all": [1e3 * t for t in self.latency_s],
             "images_per_s": batch / median,
             "cpu_s_per_call": statistics.median(self.cpu_s),
-            "peak_mib": max(self.peak_bytes) / MIB,
+            "peak_mib": self.peak_bytes / MIB,
             "compile_s": self.compile_s,
             "first_call_s": self.first_call_s,
         }
@@ -257,7 +258,7 @@ def measure(call: Callable[[], int | None]) -> tuple[float, float, int]:
     wall, cpu = time.perf_counter(), time.process_time()
     device_peak = call()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak = device_peak if device_peak is not None else 1024 * (_status_kib("VmHWM") - rss_before)
+    peak = device_peak if device_peak is not None else 1024 * max(0, _status_kib("VmHWM") - rss_before)
     return wall, cpu, peak
 
 
@@ -270,15 +271,14 @@ def run_config(config: Config, args: argparse.Namespace) -> dict:
         "reference": (reference, reference_runner(config, dtype=args.dtype)),
     }
     for side, call in calls.values():
-        side.first_call_s = measure(call)[0]
+        side.first_call_s, _, side.peak_bytes = measure(call)
         for _ in range(args.warmup - 1):
             call()
     for _ in range(args.iters):
         for side, call in calls.values():
-            wall, cpu, peak = measure(call)
+            wall, cpu, _ = measure(call)
             side.latency_s.append(wall)
             side.cpu_s.append(cpu)
-            side.peak_bytes.append(peak)
     result = {
         **asdict(config),
         "ours": ours.summary(config.batch),
@@ -384,7 +384,7 @@ def markdown(report: dict) -> str:
         "Latency: median (and minimum) wall time of one call; speed-up from the medians. CPU s: median process CPU "
         "seconds per call (both frameworks' threads; less sensitive to other processes than wall time). Peak MiB: "
         + (
-            "growth of the process's peak resident memory during one call (activations and temporaries)."
+            "growth of the process's peak resident memory during the first call (activations and temporaries)."
             if m["jax_backend"] == "cpu"
             else "ours XLA's program footprint (memory_analysis), reference torch.cuda.max_memory_allocated."
         ),
