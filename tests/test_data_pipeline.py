@@ -6,7 +6,6 @@ import os
 import sys
 
 import grain
-import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -170,19 +169,6 @@ def test_demo_data_is_deterministic_varied_and_split_seeded():
     assert batch["image"].shape == (4, 64, 64, 3)
     with pytest.raises(ValueError, match="demo data is generated"):
         sources.open_source("demo", "/data", "train")
-
-
-def test_to_global_batch_builds_sharded_arrays():
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    count = len(jax.devices())
-    batch = {
-        "image": np.random.rand(2 * count, 8, 8, 3).astype(np.float32),
-        "label": np.ones((2 * count, 8, 8), np.int32),
-    }
-    arrays = pipeline.to_global_batch(batch, sharding)
-    assert arrays["image"].sharding == sharding and arrays["label"].dtype == np.int32
-    np.testing.assert_array_equal(np.asarray(arrays["image"]), batch["image"])
 
 
 def _prepare_tfds_script():

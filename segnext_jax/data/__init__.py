@@ -7,7 +7,7 @@ Modules (one job each):
 - `transforms`: the reference's training/evaluation transforms in numpy + OpenCV;
 - `demo`: the built-in procedurally generated dataset;
 - `sources`: records + loader for files, TFDS ArrayRecord or the demo generator;
-- `pipeline`: grain training/evaluation pipelines and `to_global_batch`;
+- `pipeline`: grain training/evaluation pipelines (`sharding.global_batch` makes their batches global arrays);
 - `tfds_builders`: TensorFlow-free TFDS builder writing ArrayRecord (imported on demand: TFDS is slow to import);
 - `check`: `python -m segnext_jax.data.check --dataset=NAME --root=PATH`.
 """

@@ -1,4 +1,4 @@
-"""grain pipelines for training and evaluation, and host batches -> global jax.Arrays.
+"""grain pipelines for training and evaluation (sharding.global_batch turns their host batches into global arrays).
 
 Training (`make_train_dataset`):
 
@@ -226,8 +226,3 @@ def make_eval_dataset(
 def num_examples(name: str, root: str | None, split: str = "val", source: str = "files") -> int:
     """Number of listed examples of a split (e.g. to size an evaluation progress bar)."""
     return len(sources.open_source(name, root, split, source).records)
-
-
-def to_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-    """Makes this host's batch part of global arrays sharded by `sharding` (batch axis over processes/devices)."""
-    return {key: jax.make_array_from_process_local_data(sharding, batch[key]) for key in ("image", "label")}
