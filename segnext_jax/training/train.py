@@ -191,20 +191,21 @@ class _Progress:
         self.window_start, self.window_step = time.perf_counter(), step
 
     def log(self, step: int, loss: float, num_skipped: int) -> None:
-        elapsed = time.perf_counter() - self.window_start
-        steps_per_second = (step - self.window_step) / max(elapsed, 1e-9)
-        images_per_second = steps_per_second * self.config.train.global_batch_size
+        """Logs step `step`; speed and ETA over the steps since the window started (none right after a restart)."""
         lr = self.config.optimizer.lr * float(self.schedule(step - 1))
-        eta = (self.config.train.num_steps - step) / max(steps_per_second, 1e-9)
+        speed = ""
+        if step > self.window_step:
+            steps_per_second = (step - self.window_step) / (time.perf_counter() - self.window_start)
+            images_per_second = steps_per_second * self.config.train.global_batch_size
+            eta = _format_duration((self.config.train.num_steps - step) / steps_per_second)
+            speed = f"  {images_per_second:.1f} images/s  ETA {eta}"
+            if self.writer is not None:
+                self.writer.add_scalar("train/images_per_second", images_per_second, step)
         skipped = f"  skipped examples {num_skipped}" if num_skipped else ""
-        logging.info(
-            "step %d/%d  loss %.4f  lr %.3g  %.1f images/s  ETA %s%s",
-            step, self.config.train.num_steps, loss, lr, images_per_second, _format_duration(eta), skipped,
-        )
+        logging.info("step %d/%d  loss %.4f  lr %.3g%s%s", step, self.config.train.num_steps, loss, lr, speed, skipped)
         if self.writer is not None:
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/lr", lr, step)
-            self.writer.add_scalar("train/images_per_second", images_per_second, step)
         self.restart(step)
 
 
