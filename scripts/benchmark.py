@@ -18,10 +18,10 @@ eager warm-up), peak memory, CPU seconds per call, and the 1-minute load average
 
 Peak memory: on an accelerator, ours is XLA's footprint of the compiled program (arguments + outputs + temporaries,
 from `memory_analysis()`; the device's `peak_bytes_in_use` cannot be reset between configurations) and the
-reference's `torch.cuda.max_memory_allocated`; on CPU both are the growth of the process's resident memory during the
-side's first call (peak RSS, reset through /proc/self/clear_refs, minus the RSS before the call): the activations and
-temporaries, not the parameters and optimiser state, which are resident before. The first call, because later
-ones reuse what the allocators kept (torch's heap keeps freed memory; XLA returns its large buffers to the system).
+reference's `torch.cuda.max_memory_allocated`; on CPU both are the growth of the process's resident memory during one
+extra call after the timed ones (peak RSS, reset through /proc/self/clear_refs, minus the RSS before the call, glibc's
+free memory first returned with malloc_trim): the activations and temporaries, not the parameters and optimiser
+state, which are resident before.
 
 Threads: `--threads N` restricts the process to N CPUs with `os.sched_setaffinity` (what `taskset -c` does) before
 JAX creates its CPU client, which sizes its thread pools from that mask, and sets `torch.set_num_threads(N)`.
@@ -36,6 +36,7 @@ Writes benchmarks/<date>_<machine>[_<name>].md and .json (machine, versions, dat
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import gc
 import itertools
@@ -249,21 +250,27 @@ def _status_kib(field_name: str) -> int:
     return int(match.group(1))
 
 
-def measure(call: Callable[[], int | None]) -> tuple[float, float, int]:
-    """(wall seconds, process CPU seconds, peak bytes) of one call. Peak bytes: what the call reports (accelerator
-    memory), else the growth of the peak resident memory over the resident memory before the call."""
+def timed(call: Callable[[], int | None]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    call()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def peak_memory(call: Callable[[], int | None]) -> int:
+    """Peak bytes of one call: what the call reports (accelerator memory), else the growth of the peak resident memory
+    over the resident memory before the call, after glibc has returned its free memory to the system (malloc_trim)
+    so that memory kept from earlier calls (torch's heap keeps freed blocks) is counted again."""
+    ctypes.CDLL(None).malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM (peak RSS) to the current RSS
     rss_before = _status_kib("VmRSS")
-    wall, cpu = time.perf_counter(), time.process_time()
     device_peak = call()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak = device_peak if device_peak is not None else 1024 * max(0, _status_kib("VmHWM") - rss_before)
-    return wall, cpu, peak
+    return device_peak if device_peak is not None else 1024 * max(0, _status_kib("VmHWM") - rss_before)
 
 
 def run_config(config: Config, args: argparse.Namespace) -> dict:
-    """Builds both sides, warms them up, then times them alternately `args.iters` times."""
+    """Builds both sides, warms them up, times them alternately `args.iters` times, then measures their memory."""
     load_before = os.getloadavg()[0]
     ours, reference = Side(), Side()
     calls = {
@@ -271,14 +278,16 @@ def run_config(config: Config, args: argparse.Namespace) -> dict:
         "reference": (reference, reference_runner(config, dtype=args.dtype)),
     }
     for side, call in calls.values():
-        side.first_call_s, _, side.peak_bytes = measure(call)
+        side.first_call_s = timed(call)[0]
         for _ in range(args.warmup - 1):
             call()
     for _ in range(args.iters):
         for side, call in calls.values():
-            wall, cpu, _ = measure(call)
+            wall, cpu = timed(call)
             side.latency_s.append(wall)
             side.cpu_s.append(cpu)
+    for side, call in calls.values():
+        side.peak_bytes = peak_memory(call)  # one more call each, untimed
     result = {
         **asdict(config),
         "ours": ours.summary(config.batch),
@@ -382,9 +391,9 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "Latency: median (and minimum) wall time of one call; speed-up from the medians. CPU s: median process CPU "
-        "seconds per call (both frameworks' threads; less sensitive to other processes than wall time). Peak MiB: "
+        "seconds per call (all threads, spin-waiting included). Peak MiB: "
         + (
-            "growth of the process's peak resident memory during the first call (activations and temporaries)."
+            "growth of the process's peak resident memory during one call (activations and temporaries)."
             if m["jax_backend"] == "cpu"
             else "ours XLA's program footprint (memory_analysis), reference torch.cuda.max_memory_allocated."
         ),
