@@ -424,7 +424,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3 if accelerator else 1, help="untimed calls per side (>= 1)")
     parser.add_argument("--threads", type=int, default=None, help="CPUs for both sides (default: leave as is)")
     parser.add_argument("--dtype", default="bfloat16" if accelerator else "float32", choices=sorted(models.DTYPES))
-    parser.add_argument("--depthwise_impl", default="auto", choices=["auto", "xla", "shift_add"])
+    parser.add_argument("--depthwise_impl", default="auto", choices=["auto", "xla", "native", "shift_add", "portable"])
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks"))
     parser.add_argument("--name", default="", help="suffix of the output file names")
     args = parser.parse_args(argv)

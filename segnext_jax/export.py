@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from segnext_jax.evaluation import inference
+from segnext_jax.models import depthwise
 
 
 def export_model(
@@ -36,8 +37,13 @@ def export_model(
 ) -> jax.export.Exported:
     """`jax.export` of the model's whole-image logits for (b, height, width, 3) inputs with a symbolic batch b.
 
-    `platforms` (e.g. ('cpu', 'cuda')) are the backends the artifact can run on; default: the current one.
+    `platforms` (e.g. ('cpu', 'cuda')) are the backends the artifact can run on; default: the current one. The
+    depth-wise convolutions are lowered in their 'portable' form (shift-add on CPU, XLA's grouped convolution
+    elsewhere), so the artifact needs nothing but jax.
     """
+    model = nnx.clone(model)
+    # the artifact must run without this package: no calls into its C++ kernels (the 'native' depth-wise form)
+    depthwise.set_implementation(model, "portable")
     graphdef, state = nnx.split(model)
 
     def segment(images: jax.Array, seed: jax.Array) -> jax.Array:

@@ -76,7 +76,7 @@ def run_ours(state_dict, inputs, **model_kwargs):
     return model, float(loss), np.asarray(logits), named
 
 
-@pytest.fixture(scope="module", params=["shift_add", "xla"])
+@pytest.fixture(scope="module", params=["native", "shift_add", "xla"])
 def ours(request, reference_step, inputs):
     return run_ours(reference_step[0], inputs, depthwise_impl=request.param)
 

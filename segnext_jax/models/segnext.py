@@ -99,7 +99,8 @@ def create(
     """Builds SegNeXt-`variant` ('t', 's', 'b' or 'l') for `num_classes` classes, in training mode.
 
     `dtype` ('float32' / 'bfloat16' or a jnp dtype) is the compute dtype; parameters stay float32 and norms, NMF and
-    logits are computed in float32. `depthwise_impl` is 'auto', 'xla' or 'shift_add' (see models.depthwise).
+    logits are computed in float32. `depthwise_impl` is 'auto', 'xla', 'native', 'shift_add' or 'portable' (see
+    models.depthwise).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown SegNeXt variant {variant!r}: choose one of {sorted(VARIANTS)}")

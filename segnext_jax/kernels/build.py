@@ -1,0 +1,141 @@
+"""Compiles a C++ source of this folder into a shared library on first use, cached per machine.
+
+The library goes to `$SEGNEXT_JAX_CACHE` (default `$XDG_CACHE_HOME/segnext_jax`, i.e. `~/.cache/segnext_jax`) under
+a name derived from the source, the compiler, jaxlib's FFI headers and the CPU, so an edit, another compiler or
+another machine sharing the home directory gets its own build. The compiler is `$CXX`, else the first of `c++`,
+`g++`, `clang++` on the PATH; the flags are `-O3 -march=native` (retried without `-march=native` where the compiler
+rejects it). Concurrent first uses (several test workers, several processes of a run) wait on a file lock, and the
+library appears atomically, so a process never loads a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+from absl import logging
+
+SOURCE_DIR = Path(__file__).resolve().parent
+BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes", "-Wno-return-type")
+ARCH_FLAGS = (("-march=native",), ())
+
+
+class BuildError(RuntimeError):
+    """The C++ kernels could not be compiled or loaded; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: $SEGNEXT_JAX_CACHE, else $XDG_CACHE_HOME/segnext_jax (~/.cache/...)."""
+    if os.environ.get("SEGNEXT_JAX_CACHE"):
+        return Path(os.environ["SEGNEXT_JAX_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segnext_jax"
+
+
+def find_compiler() -> list[str]:
+    """The C++ compiler command: $CXX, else c++, g++ or clang++ from the PATH."""
+    if os.environ.get("CXX"):
+        return shlex.split(os.environ["CXX"])
+    for name in ("c++", "g++", "clang++"):
+        if shutil.which(name):
+            return [name]
+    raise BuildError("no C++ compiler found: install g++ or clang++, or set CXX")
+
+
+def _cpu_identity() -> str:
+    """The CPU model and feature flags (what -march=native compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
+def _compiler_version(compiler: list[str]) -> str:
+    try:
+        return subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        raise BuildError(
+            f"C++ compiler {shlex.join(compiler)} does not run ({error}): install one or set CXX"
+        ) from error
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (a no-op where fcntl does not exist)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _compile(compiler: list[str], source: Path, output: Path) -> None:
+    include = jax.ffi.include_dir()
+    errors = []
+    for arch in ARCH_FLAGS:
+        command = [*compiler, *BASE_FLAGS, *arch, f"-I{include}", str(source), "-o", str(output)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        errors.append(f"$ {shlex.join(command)}\n{result.stderr[-2000:]}")
+    raise BuildError(f"compiling {source.name} failed:\n" + "\n".join(errors))
+
+
+def build(name: str) -> Path:
+    """The shared library of `<name>.cc`, compiled now unless a build for this source and machine is cached."""
+    source = SOURCE_DIR / f"{name}.cc"
+    compiler = find_compiler()
+    include = Path(jax.ffi.include_dir())
+    key = hashlib.sha256()
+    for part in (
+        source.read_bytes(),
+        " ".join(compiler + list(BASE_FLAGS)).encode(),
+        _compiler_version(compiler).encode(),
+        *(header.read_bytes() for header in sorted(include.glob("xla/ffi/api/*.h"))),
+        platform.machine().encode(),
+        _cpu_identity().encode(),
+    ):
+        key.update(part)
+    directory = cache_dir()
+    library = directory / f"{name}-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BuildError(f"cannot create the kernel cache {directory} ({error}): set SEGNEXT_JAX_CACHE") from error
+    with _locked(directory / f"{name}.lock"):
+        if library.exists():  # built by another process while this one waited
+            return library
+        logging.info("compiling the native CPU kernels %s into %s (once per machine)", source.name, directory)
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:
+            partial = Path(scratch) / library.name
+            _compile(compiler, source, partial)
+            os.replace(partial, library)
+    return library
+
+
+def load(name: str) -> ctypes.CDLL:
+    """`build(name)`, loaded."""
+    library = build(name)
+    try:
+        return ctypes.CDLL(str(library))
+    except OSError as error:
+        raise BuildError(f"cannot load {library} ({error}): delete it to rebuild") from error

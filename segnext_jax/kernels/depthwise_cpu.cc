@@ -1,0 +1,271 @@
+// Depth-wise 2-D convolution (PyTorch's Conv2d(C, C, (kh, kw), padding=(ph, pw), groups=C), stride 1) for CPU,
+// called from JAX through the XLA FFI (segnext_jax/kernels/depthwise.py). XLA:CPU has no fast grouped
+// convolution, and the weight gradient of the shifted-add form it compiles is a reduction it runs slowly.
+//
+// Two handlers, both on NHWC float32 arrays, both splitting the output rows over XLA's intra-op thread pool and
+// completing asynchronously:
+//   SegnextDepthwiseForward(x (N, H, W, C), taps (kh, kw, C); ph, pw) -> y (N, H + 2ph - kh + 1, W + 2pw - kw + 1, C)
+//     y[n, oh, ow, c] = sum_ij x[n, oh + i - ph, ow + j - pw, c] * taps[i, j, c]   (zero outside x)
+//     The input gradient is this same correlation of the output gradient with the flipped taps.
+//   SegnextDepthwiseKernelGrad(x (N, H, W, C), dy (N, OH, OW, C); kh, kw, ph, pw) -> dtaps (kh, kw, C)
+//     dtaps[i, j, c] = sum_{n, oh, ow} x[n, oh + i - ph, ow + j - pw, c] * dy[n, oh, ow, c]
+// Channels are processed in SIMD vectors (GCC / Clang vector extensions, so the same source builds for AVX2,
+// AVX-512 or NEON with -march=native) with the accumulators in registers. The row split depends only on the shapes,
+// so results do not depend on the number of threads.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+constexpr int kBlock = 4;  // vectors of channels accumulated together
+
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
+
+inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+
+struct Shape {
+  int64_t n, h, w, c;     // input
+  int64_t kh, kw, ph, pw; // taps and zero padding on each side
+  int64_t oh, ow;         // output
+
+  int64_t Rows() const { return n * oh; }
+  // Taps i in [I0, I1) read an input row for output row `y` (the others fall in the padding); likewise j for `x`.
+  int64_t I0(int64_t y) const { return std::max<int64_t>(0, ph - y); }
+  int64_t I1(int64_t y) const { return std::min<int64_t>(kh, h + ph - y); }
+  int64_t J0(int64_t x) const { return std::max<int64_t>(0, pw - x); }
+  int64_t J1(int64_t x) const { return std::min<int64_t>(kw, w + pw - x); }
+  const float* InputAt(const float* in, int64_t b, int64_t y, int64_t x) const {
+    return in + ((b * h + y) * w + x) * c;
+  }
+};
+
+// Output pixel (b, oy, ox), channels [c0, c0 + V * kLanes): the taps' sum accumulated in registers.
+template <int V>
+inline void ForwardVectors(const Shape& s, const float* x, const float* taps, float* out, int64_t b, int64_t oy,
+                           int64_t ox, int64_t c0) {
+  const int64_t j0 = s.J0(ox), j1 = s.J1(ox);
+  Vec acc[V] = {};
+  for (int64_t i = s.I0(oy); i < s.I1(oy); ++i) {
+    const float* in = s.InputAt(x, b, oy + i - s.ph, ox + j0 - s.pw) + c0;
+    const float* tap = taps + (i * s.kw + j0) * s.c + c0;
+    for (int64_t j = j0; j < j1; ++j, in += s.c, tap += s.c) {
+      for (int v = 0; v < V; ++v) acc[v] += Load(in + v * kLanes) * Load(tap + v * kLanes);
+    }
+  }
+  for (int v = 0; v < V; ++v) Store(out + c0 + v * kLanes, acc[v]);
+}
+
+inline void ForwardScalars(const Shape& s, const float* x, const float* taps, float* out, int64_t b, int64_t oy,
+                           int64_t ox, int64_t c0) {
+  const int64_t j0 = s.J0(ox), j1 = s.J1(ox);
+  for (int64_t ch = c0; ch < s.c; ++ch) {
+    float acc = 0.0f;
+    for (int64_t i = s.I0(oy); i < s.I1(oy); ++i) {
+      for (int64_t j = j0; j < j1; ++j) {
+        acc += s.InputAt(x, b, oy + i - s.ph, ox + j - s.pw)[ch] * taps[(i * s.kw + j) * s.c + ch];
+      }
+    }
+    out[ch] = acc;
+  }
+}
+
+// Pixel by pixel, all channels of a pixel before the next (reads the input and taps contiguously: faster than
+// channel blocks outermost once C is in the hundreds).
+void ForwardRows(const Shape& s, const float* x, const float* taps, float* y, int64_t row0, int64_t row1) {
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t b = row / s.oh, oy = row % s.oh;
+    float* out = y + row * s.ow * s.c;
+    for (int64_t ox = 0; ox < s.ow; ++ox, out += s.c) {
+      int64_t c0 = 0;
+      for (; c0 + kBlock * kLanes <= s.c; c0 += kBlock * kLanes) ForwardVectors<kBlock>(s, x, taps, out, b, oy, ox, c0);
+      for (; c0 + kLanes <= s.c; c0 += kLanes) ForwardVectors<1>(s, x, taps, out, b, oy, ox, c0);
+      if (c0 < s.c) ForwardScalars(s, x, taps, out, b, oy, ox, c0);
+    }
+  }
+}
+
+// Adds one output row's contribution to `dtaps`, channels [c0, c0 + V * kLanes).
+template <int V>
+void KernelGradVectors(const Shape& s, const float* x, const float* dy, float* dtaps, int64_t b, int64_t oy,
+                       int64_t c0) {
+  const float* grad_row = dy + (b * s.oh + oy) * s.ow * s.c + c0;
+  for (int64_t i = s.I0(oy); i < s.I1(oy); ++i) {
+    for (int64_t j = 0; j < s.kw; ++j) {
+      // output columns whose input column ox + j - pw lies inside the row
+      const int64_t ox0 = std::max<int64_t>(0, s.pw - j), ox1 = std::min<int64_t>(s.ow, s.w + s.pw - j);
+      if (ox0 >= ox1) continue;
+      const float* in = s.InputAt(x, b, oy + i - s.ph, ox0 + j - s.pw) + c0;
+      const float* grad = grad_row + ox0 * s.c;
+      Vec acc[V] = {};
+      for (int64_t ox = ox0; ox < ox1; ++ox, in += s.c, grad += s.c) {
+        for (int v = 0; v < V; ++v) acc[v] += Load(in + v * kLanes) * Load(grad + v * kLanes);
+      }
+      float* tap = dtaps + (i * s.kw + j) * s.c + c0;
+      for (int v = 0; v < V; ++v) Store(tap + v * kLanes, Load(tap + v * kLanes) + acc[v]);
+    }
+  }
+}
+
+void KernelGradScalars(const Shape& s, const float* x, const float* dy, float* dtaps, int64_t b, int64_t oy,
+                       int64_t c0) {
+  const float* grad_row = dy + (b * s.oh + oy) * s.ow * s.c;
+  for (int64_t i = s.I0(oy); i < s.I1(oy); ++i) {
+    for (int64_t j = 0; j < s.kw; ++j) {
+      const int64_t ox0 = std::max<int64_t>(0, s.pw - j), ox1 = std::min<int64_t>(s.ow, s.w + s.pw - j);
+      for (int64_t ch = c0; ch < s.c; ++ch) {
+        float acc = 0.0f;
+        for (int64_t ox = ox0; ox < ox1; ++ox) {
+          acc += s.InputAt(x, b, oy + i - s.ph, ox + j - s.pw)[ch] * grad_row[ox * s.c + ch];
+        }
+        dtaps[(i * s.kw + j) * s.c + ch] += acc;
+      }
+    }
+  }
+}
+
+void KernelGradRows(const Shape& s, const float* x, const float* dy, float* dtaps, int64_t row0, int64_t row1) {
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t b = row / s.oh, oy = row % s.oh;
+    int64_t c0 = 0;
+    for (; c0 + kBlock * kLanes <= s.c; c0 += kBlock * kLanes) KernelGradVectors<kBlock>(s, x, dy, dtaps, b, oy, c0);
+    for (; c0 + kLanes <= s.c; c0 += kLanes) KernelGradVectors<1>(s, x, dy, dtaps, b, oy, c0);
+    if (c0 < s.c) KernelGradScalars(s, x, dy, dtaps, b, oy, c0);
+  }
+}
+
+// Number of row chunks: about 256k multiply-adds each, at most one per row and 64 in all. A function of the shapes
+// only, so that the summation order of the kernel gradient is the same on every machine.
+int64_t NumChunks(const Shape& s) {
+  const int64_t work = s.Rows() * s.ow * s.c * s.kh * s.kw;
+  return std::clamp<int64_t>(work / (1 << 18), 1, std::clamp<int64_t>(s.Rows(), 1, 64));
+}
+
+// Runs body(chunk) for chunks 0..chunks-1 on the calling thread and on the pool's threads; the thread finishing the
+// last chunk runs done() and completes the returned future. The calling thread takes part, so progress never
+// depends on a free pool thread.
+template <typename Body, typename Done>
+ffi::Future RunChunks(ffi::ThreadPool& pool, int64_t chunks, Body body, Done done) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> remaining{0};
+    ffi::Promise promise;
+  };
+  auto state = std::make_shared<State>();
+  state->remaining = chunks;
+  ffi::Future future(state->promise);
+  auto work = [state, chunks, body, done]() {
+    for (int64_t chunk; (chunk = state->next.fetch_add(1)) < chunks;) {
+      body(chunk);
+      if (state->remaining.fetch_sub(1) == 1) {
+        done();
+        state->promise.SetAvailable();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(chunks, pool.num_threads()) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  return future;
+}
+
+ffi::Future Failed(std::string message) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  promise.SetError(ffi::Error::InvalidArgument(std::move(message)));
+  return future;
+}
+
+// The shape of a correlation of `x` with kh x kw taps, or an error message.
+std::string MakeShape(const ffi::Buffer<ffi::F32>& x, int64_t kh, int64_t kw, int64_t ph, int64_t pw, Shape* s) {
+  auto d = x.dimensions();
+  if (d.size() != 4) return "depth-wise convolution: the input must be NHWC (rank 4)";
+  *s = Shape{d[0], d[1], d[2], d[3], kh, kw, ph, pw, d[1] + 2 * ph - kh + 1, d[2] + 2 * pw - kw + 1};
+  if (kh < 1 || kw < 1 || ph < 0 || pw < 0 || ph >= kh || pw >= kw || s->oh < 1 || s->ow < 1) {
+    return "depth-wise convolution: padding must be in [0, kernel size) and the output non-empty";
+  }
+  return "";
+}
+
+ffi::Future ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> taps, int64_t ph,
+                        int64_t pw, ffi::ResultBuffer<ffi::F32> y) {
+  auto t = taps.dimensions();
+  if (t.size() != 3) return Failed("depth-wise convolution: taps must be (kh, kw, C)");
+  Shape s;
+  if (std::string error = MakeShape(x, t[0], t[1], ph, pw, &s); !error.empty()) return Failed(error);
+  if (t[2] != s.c) return Failed("depth-wise convolution: taps and input differ in channels");
+  const float* in = x.typed_data();
+  const float* k = taps.typed_data();
+  float* out = y->typed_data();
+  const int64_t rows = s.Rows(), chunks = NumChunks(s);
+  return RunChunks(
+      pool, chunks,
+      [=](int64_t chunk) { ForwardRows(s, in, k, out, rows * chunk / chunks, rows * (chunk + 1) / chunks); },
+      [] {});
+}
+
+ffi::Future KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, int64_t kh,
+                           int64_t kw, int64_t ph, int64_t pw, ffi::ResultBuffer<ffi::F32> dtaps) {
+  Shape s;
+  if (std::string error = MakeShape(x, kh, kw, ph, pw, &s); !error.empty()) return Failed(error);
+  auto g = dy.dimensions();
+  if (g.size() != 4 || g[0] != s.n || g[1] != s.oh || g[2] != s.ow || g[3] != s.c) {
+    return Failed("depth-wise convolution: the output gradient does not match the output shape");
+  }
+  const float* in = x.typed_data();
+  const float* grad = dy.typed_data();
+  float* out = dtaps->typed_data();
+  const int64_t rows = s.Rows(), chunks = NumChunks(s), size = kh * kw * s.c;
+  // one partial sum per chunk, added in chunk order at the end
+  auto partials = std::make_shared<std::vector<float>>(chunks * size, 0.0f);
+  return RunChunks(
+      pool, chunks,
+      [=](int64_t chunk) {
+        KernelGradRows(s, in, grad, partials->data() + chunk * size, rows * chunk / chunks,
+                       rows * (chunk + 1) / chunks);
+      },
+      [=] {
+        const float* p = partials->data();
+        std::memcpy(out, p, size * sizeof(float));
+        for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+          for (int64_t k = 0; k < size; ++k) out[k] += p[chunk * size + k];
+        }
+      });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextDepthwiseForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextDepthwiseKernelGrad, KernelGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw")
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,138 @@
+"""The native CPU depth-wise kernels (C++ through the XLA FFI): equal to XLA's grouped convolution in value and in
+both gradients, under sharding too; the build's cache and errors; the fallback when they are turned off."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segnext_jax.kernels import build
+from segnext_jax.kernels import depthwise as native_kernels
+from segnext_jax.models import depthwise
+
+# (N, H, W, C), kernel, padding: SegNeXt's kernels; channel counts that use the 4-vector blocks, single vectors and the
+# scalar tail; padding smaller than k // 2 (a smaller output); outputs narrower than the kernel.
+CASES = [
+    ((2, 11, 13, 40), (5, 5), (2, 2)),
+    ((1, 9, 23, 64), (1, 21), (0, 10)),
+    ((2, 23, 6, 35), (21, 1), (10, 0)),
+    ((1, 7, 8, 12), (1, 7), (0, 3)),
+    ((2, 8, 7, 3), (7, 1), (3, 0)),
+    ((1, 6, 9, 160), (3, 3), (1, 1)),
+    ((2, 6, 7, 16), (3, 5), (0, 1)),
+    ((1, 3, 4, 8), (11, 11), (5, 5)),
+]
+
+
+def relative_error(ours, reference) -> float:
+    return float(jnp.max(jnp.abs(ours - reference)) / jnp.max(jnp.abs(reference)))
+
+
+def value_and_grads(impl, x, kernel, padding, cotangent):
+    y, vjp = jax.vjp(lambda x, k: depthwise.depthwise_conv(x, k, padding, impl), x, kernel)
+    return (y, *vjp(cotangent))
+
+
+def test_native_kernels_build_on_this_machine():
+    assert native_kernels.unavailable_reason() is None
+    assert depthwise.resolve_impl("auto") == "native"
+    assert depthwise.resolve_impl("auto", jnp.bfloat16) == "shift_add"
+
+
+@pytest.mark.parametrize("shape,kernel_size,padding", CASES)
+def test_native_equals_xla_value_and_gradients(shape, kernel_size, padding):
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.standard_normal(shape, np.float32))
+    kernel = jnp.asarray(rng.standard_normal((*kernel_size, 1, shape[-1]), np.float32))
+    out_shape = jax.eval_shape(lambda x, k: depthwise.depthwise_conv_xla(x, k, padding), x, kernel).shape
+    cotangent = jnp.asarray(rng.standard_normal(out_shape, np.float32))
+    expected = jax.jit(value_and_grads, static_argnums=(0, 3))("xla", x, kernel, padding, cotangent)
+    native = jax.jit(value_and_grads, static_argnums=(0, 3))("native", x, kernel, padding, cotangent)
+    for name, ours, reference in zip(("output", "input gradient", "kernel gradient"), native, expected):
+        assert ours.shape == reference.shape
+        assert relative_error(ours, reference) <= 2e-6, name
+
+
+def test_kernel_gradient_is_repeatable():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 64, 48, 32), np.float32))
+    grad = jnp.asarray(rng.standard_normal((2, 64, 48, 32), np.float32))
+    kernel_grad = jax.jit(lambda x, g: native_kernels.kernel_grad(x, g, (5, 5), (2, 2)))
+    first, second = kernel_grad(x, grad), kernel_grad(x, grad)
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_native_under_a_batch_sharded_jit_equals_one_device():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((8, 12, 10, 24), np.float32))
+    kernel = jnp.asarray(rng.standard_normal((5, 5, 1, 24), np.float32))
+
+    def loss(x, kernel):
+        return jnp.sum(jnp.square(depthwise.depthwise_conv(x, kernel, (2, 2), "native")))
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    expected = grads(x, kernel)
+    sharded = grads(jax.device_put(x, NamedSharding(mesh, PartitionSpec("data"))), kernel)
+    for ours, reference in zip(sharded, expected):
+        assert relative_error(ours, reference) <= 1e-6
+
+
+def test_native_refuses_bfloat16():
+    x = jnp.zeros((1, 4, 4, 8), jnp.bfloat16)
+    with pytest.raises(ValueError, match="native.*float32"):
+        depthwise.depthwise_conv(x, jnp.zeros((3, 3, 1, 8), jnp.bfloat16), (1, 1), "native")
+
+
+def test_build_reuses_the_cached_library():
+    library = build.build(native_kernels.LIBRARY)
+    modified = library.stat().st_mtime_ns
+    assert build.build(native_kernels.LIBRARY) == library
+    assert library.stat().st_mtime_ns == modified
+    assert library.parent == build.cache_dir()
+
+
+def test_build_errors_name_the_cause(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGNEXT_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(build.BuildError, match="does not run.*set CXX"):
+        build.build(native_kernels.LIBRARY)
+    failing = tmp_path / "failing-compiler"
+    failing.write_text("#!/bin/sh\necho 'error: this compiler always fails' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CXX", str(failing))
+    with pytest.raises(build.BuildError, match="this compiler always fails"):
+        build.build(native_kernels.LIBRARY)
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-written is left to load
+
+
+FALLBACK = textwrap.dedent(
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+    from segnext_jax import models
+    from segnext_jax.models import depthwise
+    assert depthwise.resolve_impl("auto") == "shift_add"
+    model = models.create("t", 5, rngs=nnx.Rngs(0))
+    model.eval()
+    assert model(jnp.zeros((1, 32, 32, 3)), rngs=nnx.Rngs(0)).shape == (1, 4, 4, 5)
+    try:
+        depthwise.depthwise_conv(jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 1, 8)), (1, 1), "native")
+    except RuntimeError as error:
+        print(error)
+    """
+)
+
+
+def test_turned_off_kernels_fall_back_to_shift_add():
+    env = {**os.environ, "SEGNEXT_JAX_NATIVE_KERNELS": "0", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "unavailable: turned off by SEGNEXT_JAX_NATIVE_KERNELS=0" in result.stdout
