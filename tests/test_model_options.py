@@ -8,6 +8,7 @@ from flax import nnx
 from oracle import build_reference, reference_state_dict
 
 from segnext_jax import models
+from segnext_jax.models import mscan
 from weights_conversion.mapping import load_state_dict
 
 NUM_CLASSES = 19
@@ -80,3 +81,22 @@ def test_wrong_nmf_bases_shape_is_refused():
     nmf = models.NMF2D(16)
     with pytest.raises(ValueError, match=r"nmf_bases must have shape \(2, 256, 16\)"):
         nmf(jnp.ones((2, 4, 4, 256)), bases=jnp.ones((2, 256, 64)))
+
+
+def test_inlined_and_scanned_stages_train_alike(monkeypatch):
+    """A stage runs block after block on CPU up to CPU_MAX_INLINED_BLOCKS blocks and as a scan beyond: in training
+    mode (stochastic depth on) both give the same stage outputs and BatchNorm statistics (autodiff of either is
+    exact, so their gradients agree too)."""
+    variant = models.Variant((16, 16, 32, 32), (3, 1, 2, 1), 0.5, 32, 4)
+    monkeypatch.setitem(models.VARIANTS, "stages", variant)
+    images = jnp.asarray(np.random.RandomState(2).randn(2, 32, 32, 3).astype(np.float32))
+
+    def train_forward(limit: int):
+        monkeypatch.setattr(mscan, "CPU_MAX_INLINED_BLOCKS", limit)
+        backbone = models.create("stages", 4, rngs=nnx.Rngs(0)).backbone  # the stages only: the head compiles slowly
+        features = nnx.jit(lambda m, x: m(x, rngs=nnx.Rngs(5)))(backbone, images)
+        return features, nnx.state(backbone, nnx.BatchStat)
+
+    inlined, scanned = train_forward(100), train_forward(0)
+    for ours, theirs in zip(jax.tree.leaves(inlined), jax.tree.leaves(scanned)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-6)
