@@ -9,7 +9,7 @@ import pytest
 import torch
 from reference_segnext import build, segnext_config
 
-from segnext_jax.training.loss import segmentation_loss
+from segnext_jax.training.loss import segmentation_loss, upsample_bilinear
 
 NUM_CLASSES = 5
 
@@ -43,8 +43,19 @@ def batch():
     return logits, labels
 
 
-def test_loss_and_gradient_equal_mmseg(head, batch):
-    logits, labels = batch
+@pytest.fixture(scope="module")
+def batch_integer_scale():
+    """Labels 8x the logits' size in both directions, as for training crops (the fused path), 20% ignored."""
+    rng = np.random.default_rng(1)
+    logits = (3 * rng.standard_normal((2, 5, 7, NUM_CLASSES))).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, (2, 40, 56)).astype(np.int32)
+    labels[rng.random(labels.shape) < 0.2] = 255
+    return logits, labels
+
+
+@pytest.mark.parametrize("which", ["batch", "batch_integer_scale"])
+def test_loss_and_gradient_equal_mmseg(head, which, request):
+    logits, labels = request.getfixturevalue(which)
     expected, expected_grad = reference_loss_and_grad(head, logits, labels)
     loss, grad = jax.jit(jax.value_and_grad(segmentation_loss))(jnp.asarray(logits), jnp.asarray(labels))
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
@@ -58,3 +69,13 @@ def test_bfloat16_logits_are_computed_in_float32(head, batch):
     loss = jax.jit(segmentation_loss)(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(labels))
     assert loss.dtype == jnp.float32
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("factors", [(8, 8), (3, 2), (1, 4)])
+def test_integer_upsampling_equals_torch_interpolate(factors):
+    x = np.random.default_rng(2).standard_normal((2, 4, 6, 3)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(x).permute(0, 3, 1, 2), scale_factor=factors, mode="bilinear", align_corners=False
+    )
+    ours = upsample_bilinear(jnp.asarray(x), factors)
+    np.testing.assert_allclose(np.asarray(ours), expected.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-6)
