@@ -136,3 +136,14 @@ def test_turned_off_kernels_fall_back_to_shift_add():
     result = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "unavailable: turned off by SEGNEXT_JAX_NATIVE_KERNELS=0" in result.stdout
+
+
+def test_kernels_that_do_not_build_fall_back_with_a_warning(tmp_path):
+    script = "from segnext_jax.models import depthwise; print(depthwise.resolve_impl('auto'))"
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "SEGNEXT_JAX_CACHE": str(tmp_path / "cache")}
+    env.pop("SEGNEXT_JAX_NATIVE_KERNELS", None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "shift_add"
+    assert "native CPU depth-wise kernels unavailable, using the slower shift_add form" in result.stderr
+    assert "no-such-compiler" in result.stderr

@@ -11,6 +11,7 @@ import os
 
 import jax
 import numpy as np
+from absl import logging
 
 from segnext_jax.kernels import build
 
@@ -28,6 +29,7 @@ def unavailable_reason() -> str | None:
     try:
         library = build.load(LIBRARY)
     except build.BuildError as error:
+        logging.warning("native CPU depth-wise kernels unavailable, using the slower shift_add form: %s", error)
         return str(error)
     for target, symbol in _SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
