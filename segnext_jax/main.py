@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from segnext_jax import checkpoints, sharding
 from segnext_jax.evaluation import evaluate
+from segnext_jax.kernels import build
 from segnext_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ade20k_t.py.", lock_config=True)
@@ -34,6 +35,12 @@ _STEP = flags.DEFINE_string("step", "latest", "--mode=eval in a training workdir
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for custom launchers.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir",
+    None,
+    "Where compiled programs are kept between runs (default: $JAX_COMPILATION_CACHE_DIR, else "
+    "$SEGNEXT_JAX_CACHE/xla, i.e. ~/.cache/segnext_jax/xla); '' turns the cache off.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -85,6 +92,15 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | 
     evaluate.evaluate(model, config, step=number, workdir=workdir)
 
 
+def enable_compilation_cache(directory: str | None) -> None:
+    """Keeps compiled training and evaluation steps on disk, so that a resumed run, an evaluation or a rerun loads
+    them instead of compiling again (SegNeXt-T's training step: 45 s to compile, 17 s to trace and load on 2 CPU
+    cores). `directory`: None for the default (jax's own setting, else the package's cache folder), '' for none."""
+    if directory is None:
+        directory = jax.config.jax_compilation_cache_dir or str(build.cache_dir() / "xla")
+    jax.config.update("jax_compilation_cache_dir", directory or None)
+
+
 def _quiet_orbax(record: std_logging.LogRecord) -> bool:
     """Keeps orbax's per-save INFO lines out of the console (its warnings and errors still show)."""
     return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
@@ -94,6 +110,7 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_quiet_orbax)
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {' '.join(argv[1:])} (flags are --name=value)")
+    enable_compilation_cache(_COMPILATION_CACHE.value)
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config, workdir = _CONFIG.value, _WORKDIR.value
     logging.info("%s on %d %s devices, %d processes", _MODE.value, jax.device_count(), jax.default_backend(),

@@ -57,3 +57,27 @@ def test_error_is_one_line_saying_what_to_do(runs, case):
     assert returncode == 1
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == CASES[case][1]
+
+
+CACHED_COMPILE = """
+import sys
+import jax, jax.numpy as jnp
+from segnext_jax import main
+main.enable_compilation_cache(sys.argv[1] or None)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(5)).block_until_ready()
+print(jax.config.jax_compilation_cache_dir)
+"""
+
+
+@pytest.mark.parametrize("flag", ["given", "default"])
+def test_compiled_programs_are_kept_for_the_next_run(tmp_path, flag):
+    given = str(tmp_path / "given") if flag == "given" else ""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SEGNEXT_JAX_CACHE=str(tmp_path / "home_cache"))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    command = [sys.executable, "-c", CACHED_COMPILE, given]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = tmp_path / ("given" if flag == "given" else "home_cache/xla")
+    assert result.stdout.strip() == str(expected)
+    assert any(expected.iterdir())  # the compiled program was written there
