@@ -57,3 +57,18 @@ def test_exported_artifact_reproduces_the_model_for_two_batch_sizes(tiny_model, 
     command = [sys.executable, "-c", JAX_ONLY, artifact, str(tmp_path / "images.npy"), str(tmp_path / "out.npy")]
     subprocess.run([*command, str(SEED)], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=tmp_path)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_native_model_is_exported_without_the_native_kernels():
+    """A model built with 'auto' (the C++ kernels on CPU) exports its depth-wise convolutions in the 'portable' form:
+    no call into this package's kernels, which a jax-only process does not have."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(models.VARIANTS, "tiny", TINY)
+        model = models.create("tiny", 5, rngs=nnx.Rngs(0), depthwise_impl="native")
+    model.eval()
+    exported = export.export_model(model, 32, 32)
+    assert "segnext_depthwise" not in exported.mlir_module()
+    # the model itself keeps its implementation
+    assert (
+        "segnext_depthwise" in jax.jit(lambda x: model(x, rngs=nnx.Rngs(0))).lower(np.zeros((1, 32, 32, 3))).as_text()
+    )

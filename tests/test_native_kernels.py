@@ -2,6 +2,7 @@
 both gradients, under sharding too; the build's cache and errors; the fallback when they are turned off."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -80,9 +81,18 @@ def test_native_under_a_batch_sharded_jit_equals_one_device():
 
     grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
     expected = grads(x, kernel)
-    sharded = grads(jax.device_put(x, NamedSharding(mesh, PartitionSpec("data"))), kernel)
+    x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    sharded = grads(x_sharded, kernel)
     for ours, reference in zip(sharded, expected):
         assert relative_error(ours, reference) <= 1e-6
+    # each device runs the kernels on its own image (batch 1 of 8), not on a gathered batch; the weight gradient's
+    # per-device parts are summed
+    program = grads.lower(x_sharded, kernel).compile().as_text()
+    kernel_operands = re.findall(r"custom-call\((.*?)\), custom_call_target=\"segnext_depthwise", program)
+    assert len(kernel_operands) == 3  # forward, input gradient, weight gradient
+    assert "all-gather" not in program and "all-reduce" in program
+    per_device = re.findall(r"f32\[(\d+),12,10,24\]", program)
+    assert per_device and set(per_device) == {"1"}
 
 
 def test_native_refuses_bfloat16():

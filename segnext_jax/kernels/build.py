@@ -121,14 +121,17 @@ def build(name: str) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise BuildError(f"cannot create the kernel cache {directory} ({error}): set SEGNEXT_JAX_CACHE") from error
-    with _locked(directory / f"{name}.lock"):
-        if library.exists():  # built by another process while this one waited
-            return library
-        logging.info("compiling the native CPU kernels %s into %s (once per machine)", source.name, directory)
-        with tempfile.TemporaryDirectory(dir=directory) as scratch:
-            partial = Path(scratch) / library.name
-            _compile(compiler, source, partial)
-            os.replace(partial, library)
+    try:
+        with _locked(directory / f"{name}.lock"):
+            if library.exists():  # built by another process while this one waited
+                return library
+            logging.info("compiling the native CPU kernels %s into %s (once per machine)", source.name, directory)
+            with tempfile.TemporaryDirectory(dir=directory) as scratch:
+                partial = Path(scratch) / library.name
+                _compile(compiler, source, partial)
+                os.replace(partial, library)
+    except OSError as error:  # a read-only or full cache folder
+        raise BuildError(f"cannot write the kernel cache {directory} ({error}): set SEGNEXT_JAX_CACHE") from error
     return library
 
 

@@ -12,6 +12,8 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 from segnext_jax.kernels import build
 
@@ -47,21 +49,80 @@ def _require() -> None:
         raise RuntimeError(f"the native CPU depth-wise kernels are unavailable: {reason}")
 
 
-def forward(x: jax.Array, taps: jax.Array, padding: tuple[int, int]) -> jax.Array:
-    """Depth-wise cross-correlation of float32 NHWC `x` with `taps` (kh, kw, C), zero padding (ph, pw) per side."""
-    _require()
+def _forward_call(x: jax.Array, taps: jax.Array, ph: int, pw: int) -> jax.Array:
     kh, kw, _ = taps.shape
-    ph, pw = padding
     n, h, w, c = x.shape
     out = jax.ShapeDtypeStruct((n, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1, c), x.dtype)
     return jax.ffi.ffi_call(FORWARD, out, vmap_method="sequential")(x, taps, ph=np.int64(ph), pw=np.int64(pw))
 
 
-def kernel_grad(x: jax.Array, grad: jax.Array, kernel_size: tuple[int, int], padding: tuple[int, int]) -> jax.Array:
-    """Gradient (kh, kw, C) of `forward(x, taps, padding)` with respect to the taps, for output gradient `grad`."""
-    _require()
-    (kh, kw), (ph, pw) = kernel_size, padding
+def _kernel_grad_call(x: jax.Array, grad: jax.Array, kh: int, kw: int, ph: int, pw: int) -> jax.Array:
     out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1]), x.dtype)
     return jax.ffi.ffi_call(KERNEL_GRAD, out, vmap_method="sequential")(
         x, grad, kh=np.int64(kh), kw=np.int64(kw), ph=np.int64(ph), pw=np.int64(pw)
     )
+
+
+# Under a sharded jit (the trainer's batch over the `data` mesh axis) XLA cannot split an FFI call by itself and
+# would gather the whole batch onto every device. These rules run the kernels on each device's part of the batch
+# (anything else replicated) and sum the weight gradient's per-device parts.
+_forward = custom_partitioning(_forward_call, static_argnums=(2, 3))
+_kernel_grad = custom_partitioning(_kernel_grad_call, static_argnums=(2, 3, 4, 5))
+
+
+def _batch_axes(shape: jax.ShapeDtypeStruct) -> str | tuple[str, ...] | None:
+    """The mesh axes the leading (batch) dimension of an operand is sharded over, if any."""
+    spec = getattr(shape.sharding, "spec", ())
+    return spec[0] if len(spec) else None
+
+
+def _forward_partition(ph, pw, mesh, arg_shapes, result_shape):
+    batch = _batch_axes(arg_shapes[0])
+    sharded, replicated = NamedSharding(mesh, PartitionSpec(batch)), NamedSharding(mesh, PartitionSpec())
+    return mesh, functools.partial(_forward_call, ph=ph, pw=pw), sharded, (sharded, replicated)
+
+
+def _forward_infer(ph, pw, mesh, arg_shapes, result_shape):
+    return NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes[0])))
+
+
+def _kernel_grad_partition(kh, kw, ph, pw, mesh, arg_shapes, result_shape):
+    batch = _batch_axes(arg_shapes[0])
+    sharded, replicated = NamedSharding(mesh, PartitionSpec(batch)), NamedSharding(mesh, PartitionSpec())
+
+    def lower(x, grad):
+        part = _kernel_grad_call(x, grad, kh, kw, ph, pw)
+        return part if batch is None else jax.lax.psum(part, batch)
+
+    return mesh, lower, replicated, (sharded, sharded)
+
+
+def _kernel_grad_infer(kh, kw, ph, pw, mesh, arg_shapes, result_shape):
+    return NamedSharding(mesh, PartitionSpec())
+
+
+_forward.def_partition(
+    _forward_partition,
+    infer_sharding_from_operands=_forward_infer,
+    sharding_rule="n h w c, i j c -> n p q c",
+    need_replication_factors=("h", "w", "c", "i", "j", "p", "q"),
+)
+_kernel_grad.def_partition(
+    _kernel_grad_partition,
+    infer_sharding_from_operands=_kernel_grad_infer,
+    sharding_rule="n h w c, n p q c -> i j c",
+    reduction_factors=("n",),
+    need_replication_factors=("h", "w", "c", "p", "q"),
+)
+
+
+def forward(x: jax.Array, taps: jax.Array, padding: tuple[int, int]) -> jax.Array:
+    """Depth-wise cross-correlation of float32 NHWC `x` with `taps` (kh, kw, C), zero padding (ph, pw) per side."""
+    _require()
+    return _forward(x, taps, *padding)
+
+
+def kernel_grad(x: jax.Array, grad: jax.Array, kernel_size: tuple[int, int], padding: tuple[int, int]) -> jax.Array:
+    """Gradient (kh, kw, C) of `forward(x, taps, padding)` with respect to the taps, for output gradient `grad`."""
+    _require()
+    return _kernel_grad(x, grad, *kernel_size, *padding)

@@ -150,7 +150,8 @@ void KernelGradRows(const Shape& s, const float* x, const float* dy, float* dtap
 }
 
 // Number of row chunks: about 256k multiply-adds each, at most one per row and 64 in all. A function of the shapes
-// only, so that the summation order of the kernel gradient is the same on every machine.
+// only, so that the summation order of the kernel gradient does not depend on the number of threads (bit-exact
+// results for one build: -march=native may contract multiply-adds differently on another CPU).
 int64_t NumChunks(const Shape& s) {
   const int64_t work = s.Rows() * s.ow * s.c * s.kh * s.kw;
   return std::clamp<int64_t>(work / (1 << 18), 1, std::clamp<int64_t>(s.Rows(), 1, 64));
