@@ -60,6 +60,7 @@ import torch
 from flax import nnx
 
 from segnext_jax import models
+from segnext_jax.models import depthwise
 from segnext_jax.training.loss import segmentation_loss
 from segnext_jax.training.optimizer import SEGNEXT_CUSTOM_KEYS, make_optimizer
 from segnext_jax.training.schedule import make_schedule
@@ -367,7 +368,8 @@ def markdown(report: dict) -> str:
         f"- machine: {m['cpu']}, {m['cores']} cores ({m['cores_used']} used), {m['memory_gib']} GiB; "
         f"SIMD {' '.join(m['simd'])}; devices: {devices}; reference on {m['torch_device']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-        f"- settings: dtype {s['dtype']}, depthwise_impl {s['depthwise_impl']}, threads {s['threads']}, "
+        f"- settings: dtype {s['dtype']}, depthwise_impl {s['depthwise_impl']} ({s['depthwise_impl_resolved']}), "
+        f"threads {s['threads']}, "
         f"{s['iters']} timed calls per side after {s['warmup']} warm-up, alternating ours/reference; "
         f"{NUM_CLASSES} classes",
         f"- load average (1 min) at start: {report['load_avg_start']:.2f}, end: {report['load_avg_end']:.2f}",
@@ -461,7 +463,11 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "git": git_state(),
         "machine": machine,
-        "settings": {k: v for k, v in vars(args).items() if k != "output_dir"},
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "output_dir"},
+            # what 'auto' stood for here: 'shift_add' where the native kernels did not build
+            "depthwise_impl_resolved": depthwise.resolve_impl(args.depthwise_impl, jnp.dtype(args.dtype)),
+        },
         "load_avg_start": os.getloadavg()[0],
         "results": [],
     }

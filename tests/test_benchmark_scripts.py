@@ -47,6 +47,7 @@ def test_benchmark_writes_markdown_and_json(tiny_variant, tmp_path):
         assert json.load(saved) == json.loads(json.dumps(report))
     assert re.fullmatch(r"[0-9a-f]{40}", report["git"]["commit"])
     assert report["machine"]["versions"]["jax"] == jax.__version__ and report["machine"]["cores"] > 0
+    assert report["settings"]["depthwise_impl_resolved"] == "xla"
 
     results = report["results"]
     assert [(r["variant"], r["mode"], r["batch"], r["height"], r["width"]) for r in results] == [
@@ -66,6 +67,7 @@ def test_benchmark_writes_markdown_and_json(tiny_variant, tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| TINY |")]
     assert len(rows) == 1 and len(rows[0].split("|")) == 18
     assert report["machine"]["cpu"] in table
+    assert "depthwise_impl xla (xla)" in table
 
 
 def test_count_flops_table(tiny_variant, tmp_path):
