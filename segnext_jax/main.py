@@ -121,7 +121,7 @@ def main(argv: list[str]) -> None:
             train.train(config, workdir, stop=checkpoints.install_preemption_handler())
         else:
             run_eval(config, workdir, _CHECKPOINT.value, _STEP.value)
-    except FileNotFoundError as error:  # missing data, pretrained weights or checkpoint: the message says what to do
+    except (FileNotFoundError, train.ConfigError) as error:  # missing inputs or an unusable config: says what to do
         sys.exit(f"error: {error}")
 
 

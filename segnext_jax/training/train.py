@@ -34,18 +34,28 @@ from segnext_jax.training.schedule import make_schedule
 TrainState = dict[str, Any]
 
 
+class ConfigError(ValueError):
+    """A config value (or a combination of them) training cannot run with; the message names the keys."""
+
+
 def make_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """Factor of the base learning rate at each optimiser step (config.optimizer, over config.train.num_steps)."""
     opt = config.optimizer
     if opt.min_lr != 0.0:
-        raise ValueError(f"config.optimizer.min_lr={opt.min_lr}: only 0.0 (the reference's decay to 0) is supported")
-    return make_schedule(
-        config.train.num_steps,
-        warmup_iters=opt.warmup_steps,
-        warmup_ratio=opt.warmup_ratio,
-        power=opt.power,
-        form=opt.schedule,
-    )
+        raise ConfigError(f"config.optimizer.min_lr={opt.min_lr}: only 0.0 (the reference's decay to 0) is supported")
+    try:
+        return make_schedule(
+            config.train.num_steps,
+            warmup_iters=opt.warmup_steps,
+            warmup_ratio=opt.warmup_ratio,
+            power=opt.power,
+            form=opt.schedule,
+        )
+    except ValueError as error:
+        raise ConfigError(
+            f"config.train.num_steps={config.train.num_steps}, config.optimizer.warmup_steps={opt.warmup_steps}, "
+            f"warmup_ratio={opt.warmup_ratio}, schedule={opt.schedule!r}: {error}"
+        ) from error
 
 
 def make_tx(params: Any, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -142,10 +152,10 @@ def eval_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-    """Raises a one-line ValueError unless every micro-batch splits evenly over the devices."""
+    """Raises a one-line ConfigError unless every micro-batch splits evenly over the devices."""
     batch, k, devices = config.train.global_batch_size, config.train.grad_accum_steps, mesh.devices.size
     if k < 1 or batch % (k * devices):
-        raise ValueError(
+        raise ConfigError(
             f"config.train.global_batch_size={batch} must be a multiple of grad_accum_steps={k} x {devices} devices"
         )
 
