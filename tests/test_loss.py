@@ -33,24 +33,25 @@ def reference_loss_and_grad(head, logits: np.ndarray, labels: np.ndarray) -> tup
     return loss.item(), seg_logits.grad.numpy().transpose(0, 2, 3, 1)
 
 
-@pytest.fixture(scope="module")
-def batch():
-    """Odd sizes (9x13 logits, 67x101 labels: non-integer scale), about a fifth of the pixels ignored."""
-    rng = np.random.default_rng(0)
-    logits = (3 * rng.standard_normal((2, 9, 13, NUM_CLASSES))).astype(np.float32)
-    labels = rng.integers(0, NUM_CLASSES, (2, 67, 101)).astype(np.int32)
+def random_batch(seed: int, logits_size: tuple[int, int], labels_size: tuple[int, int]):
+    """Two images of random logits and labels, about a fifth of the pixels ignored (255)."""
+    rng = np.random.default_rng(seed)
+    logits = (3 * rng.standard_normal((2, *logits_size, NUM_CLASSES))).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, (2, *labels_size)).astype(np.int32)
     labels[rng.random(labels.shape) < 0.2] = 255
     return logits, labels
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Odd sizes (9x13 logits, 67x101 labels): a non-integer scale, through jax.image.resize."""
+    return random_batch(0, (9, 13), (67, 101))
 
 
 @pytest.fixture(scope="module")
 def batch_integer_scale():
-    """Labels 8x the logits' size in both directions, as for training crops (the fused path), 20% ignored."""
-    rng = np.random.default_rng(1)
-    logits = (3 * rng.standard_normal((2, 5, 7, NUM_CLASSES))).astype(np.float32)
-    labels = rng.integers(0, NUM_CLASSES, (2, 40, 56)).astype(np.int32)
-    labels[rng.random(labels.shape) < 0.2] = 255
-    return logits, labels
+    """Labels 8x the logits' size in both directions, as for training crops (the fused path)."""
+    return random_batch(1, (5, 7), (40, 56))
 
 
 @pytest.mark.parametrize("which", ["batch", "batch_integer_scale"])

@@ -27,7 +27,8 @@ CASES = {
     "warm-up longer than the run": (
         ["--config=configs/demo.py", "--config.train.num_steps=2"],
         "error: config.train.num_steps=2, config.optimizer.warmup_steps=30, warmup_ratio=1e-06, schedule='mmseg': "
-        "warmup_iters=30, max_iters=2: mmseg's schedule needs warmup_iters 0 or >= 2 and max_iters >= warmup_iters + 2",
+        "warmup_iters=30, max_iters=2: mmseg's schedule needs warmup_iters 0 or >= 2 and max_iters >= warmup_iters + 2 "
+        "(lower config.optimizer.warmup_steps or raise config.train.num_steps)",
     ),
     "missing pretrained backbone": (
         ["--config=configs/demo.py", "--config.init.pretrained=/nonexistent/mscan_t"],

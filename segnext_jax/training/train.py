@@ -54,7 +54,8 @@ def make_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     except ValueError as error:
         raise ConfigError(
             f"config.train.num_steps={config.train.num_steps}, config.optimizer.warmup_steps={opt.warmup_steps}, "
-            f"warmup_ratio={opt.warmup_ratio}, schedule={opt.schedule!r}: {error}"
+            f"warmup_ratio={opt.warmup_ratio}, schedule={opt.schedule!r}: {error} "
+            "(lower config.optimizer.warmup_steps or raise config.train.num_steps)"
         ) from error
 
 
