@@ -1,6 +1,8 @@
-"""The loss against the reference decode head's `loss_by_feat` (resize + CrossEntropyLoss of the config)."""
+"""The loss against the reference decode head's `loss_by_feat` (resize + CrossEntropyLoss of the config), in both
+implementations (XLA's, and the native CPU kernels), under sharding too."""
 
 import copy
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 import torch
 from reference_segnext import build, segnext_config
 
-from segnext_jax.training.loss import segmentation_loss, upsample_bilinear
+from segnext_jax.training.loss import resolve_impl, segmentation_loss, upsample_bilinear
 
 NUM_CLASSES = 5
 
@@ -54,13 +56,75 @@ def batch_integer_scale():
     return random_batch(1, (5, 7), (40, 56))
 
 
+def loss_and_grad(logits, labels, impl: str):
+    return jax.jit(jax.value_and_grad(segmentation_loss), static_argnums=(2, 3))(
+        jnp.asarray(logits), jnp.asarray(labels), 255, impl
+    )
+
+
+@pytest.mark.parametrize("impl", ["xla", "native"])
 @pytest.mark.parametrize("which", ["batch", "batch_integer_scale"])
-def test_loss_and_gradient_equal_mmseg(head, which, request):
+def test_loss_and_gradient_equal_mmseg(head, which, impl, request):
     logits, labels = request.getfixturevalue(which)
     expected, expected_grad = reference_loss_and_grad(head, logits, labels)
-    loss, grad = jax.jit(jax.value_and_grad(segmentation_loss))(jnp.asarray(logits), jnp.asarray(labels))
+    loss, grad = loss_and_grad(logits, labels, impl)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_native_is_the_cpu_default():
+    assert resolve_impl("auto") == "native"
+    with pytest.raises(ValueError, match="loss impl='cuda'"):
+        resolve_impl("cuda")
+
+
+def test_native_with_many_classes_and_downsampling_equals_mmseg(head):
+    """150 classes (whole SIMD vectors and a tail), labels smaller than the logits in one direction, uint8 labels."""
+    rng = np.random.default_rng(3)
+    logits = (2 * rng.standard_normal((2, 6, 16, 150))).astype(np.float32)
+    labels = rng.integers(0, 150, (2, 21, 11)).astype(np.uint8)
+    labels[:, :3] = 255
+    wide = copy.deepcopy(head)
+    wide.num_classes = 150
+    expected, expected_grad = reference_loss_and_grad(wide, logits, labels.astype(np.int64))
+    loss, grad = loss_and_grad(logits, labels, "native")
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_native_with_every_pixel_ignored_is_zero(batch_integer_scale):
+    logits, labels = batch_integer_scale
+    loss, grad = loss_and_grad(logits, np.full_like(labels, 255), "native")
+    assert float(loss) == 0.0 and not np.any(np.asarray(grad))
+
+
+def test_native_rejects_labels_that_are_not_classes(batch_integer_scale):
+    logits, labels = batch_integer_scale
+    labels = labels.copy()
+    labels[1, 3, 4] = NUM_CLASSES
+    with pytest.raises(Exception, match=re.escape("neither a class in [0, 5) nor ignore_index 255")):
+        jax.block_until_ready(loss_and_grad(logits, labels, "native"))
+
+
+def test_native_under_a_batch_sharded_jit_equals_one_device():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.standard_normal((8, 4, 5, NUM_CLASSES)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, (8, 32, 40)).astype(np.int32))
+    step = jax.jit(jax.value_and_grad(lambda x, y: segmentation_loss(x, y, impl="native")))
+    expected = step(logits, labels)
+    batch = NamedSharding(mesh, PartitionSpec("data"))
+    sharded_args = jax.device_put(logits, batch), jax.device_put(labels, batch)
+    sharded = step(*sharded_args)
+    np.testing.assert_allclose(float(sharded[0]), float(expected[0]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(sharded[1]), np.asarray(expected[1]), rtol=1e-6, atol=1e-9)
+    # each device runs the kernels on its own image, not on a gathered batch
+    program = step.lower(*sharded_args).compile().as_text()
+    assert len(re.findall(r"custom_call_target=\"segnext_upsampled_cross_entropy", program)) == 2
+    assert "all-gather" not in program
+    assert set(re.findall(r"f32\[(\d+),4,5,5\]", program)) == {"1"}
 
 
 def test_bfloat16_logits_are_computed_in_float32(head, batch):

@@ -1,5 +1,6 @@
 """The native CPU depth-wise kernels (C++ through the XLA FFI): equal to XLA's grouped convolution in value and in
-both gradients, under sharding too; the build's cache and errors; the fallback when they are turned off."""
+both gradients, under sharding too; the build's cache and errors; the fallback (of these and of the cross-entropy
+kernels, tested against mmseg in test_loss.py) when they are turned off or do not build."""
 
 import os
 import re
@@ -129,7 +130,8 @@ FALLBACK = textwrap.dedent(
     from flax import nnx
     from segnext_jax import models
     from segnext_jax.models import depthwise
-    assert depthwise.resolve_impl("auto") == "shift_add"
+    from segnext_jax.training import loss
+    assert depthwise.resolve_impl("auto") == "shift_add" and loss.resolve_impl("auto") == "xla"
     models.VARIANTS["tiny"] = models.Variant((32, 32, 64, 64), (1, 1, 1, 1), 0.1, 64, 8)  # quick to compile
     model = models.create("tiny", 5, rngs=nnx.Rngs(0))
     model.eval()
@@ -150,11 +152,15 @@ def test_turned_off_kernels_fall_back_to_shift_add():
 
 
 def test_kernels_that_do_not_build_fall_back_with_a_warning(tmp_path):
-    script = "from segnext_jax.models import depthwise; print(depthwise.resolve_impl('auto'))"
+    script = (
+        "from segnext_jax.models import depthwise; from segnext_jax.training import loss; "
+        "print(depthwise.resolve_impl('auto'), loss.resolve_impl('auto'))"
+    )
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "SEGNEXT_JAX_CACHE": str(tmp_path / "cache")}
     env.pop("SEGNEXT_JAX_NATIVE_KERNELS", None)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "shift_add"
+    assert result.stdout.strip() == "shift_add xla"
     assert "native CPU depth-wise kernels unavailable, using the slower shift_add form" in result.stderr
+    assert "native CPU cross-entropy kernels unavailable, using XLA's loss" in result.stderr
     assert "no-such-compiler" in result.stderr

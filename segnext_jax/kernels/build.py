@@ -142,3 +142,21 @@ def load(name: str) -> ctypes.CDLL:
         return ctypes.CDLL(str(library))
     except OSError as error:
         raise BuildError(f"cannot load {library} ({error}): delete it to rebuild") from error
+
+
+def register(name: str, symbols: dict[str, str], what: str, fallback: str) -> str | None:
+    """Builds and loads `<name>.cc` and registers its FFI handlers (`symbols`: target name -> C symbol) with XLA:CPU.
+
+    Returns None, or why the kernels cannot be used (SEGNEXT_JAX_NATIVE_KERNELS=0, or the build failed, which is
+    also logged as a warning naming `what` the kernels are and the `fallback` used instead).
+    """
+    if os.environ.get("SEGNEXT_JAX_NATIVE_KERNELS", "1") == "0":
+        return "turned off by SEGNEXT_JAX_NATIVE_KERNELS=0"
+    try:
+        library = load(name)
+    except BuildError as error:
+        logging.warning("native CPU %s unavailable, using %s: %s", what, fallback, error)
+        return str(error)
+    for target, symbol in symbols.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return None

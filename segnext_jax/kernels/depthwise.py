@@ -7,15 +7,13 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import numpy as np
-from absl import logging
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-from segnext_jax.kernels import build
+from segnext_jax.kernels import build, partitioning
 
 LIBRARY = "depthwise_cpu"
 FORWARD = "segnext_depthwise_forward"
@@ -26,16 +24,7 @@ _SYMBOLS = {FORWARD: "SegnextDepthwiseForward", KERNEL_GRAD: "SegnextDepthwiseKe
 @functools.cache
 def unavailable_reason() -> str | None:
     """None once the kernels are compiled and registered with XLA:CPU, else why they cannot be (one line)."""
-    if os.environ.get("SEGNEXT_JAX_NATIVE_KERNELS", "1") == "0":
-        return "turned off by SEGNEXT_JAX_NATIVE_KERNELS=0"
-    try:
-        library = build.load(LIBRARY)
-    except build.BuildError as error:
-        logging.warning("native CPU depth-wise kernels unavailable, using the slower shift_add form: %s", error)
-        return str(error)
-    for target, symbol in _SYMBOLS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    return None
+    return build.register(LIBRARY, _SYMBOLS, "depth-wise kernels", "the slower shift_add form")
 
 
 def available() -> bool:
@@ -63,31 +52,16 @@ def _kernel_grad_call(x: jax.Array, grad: jax.Array, kh: int, kw: int, ph: int, 
     )
 
 
-# Under a sharded jit (the trainer's batch over the `data` mesh axis) XLA cannot split an FFI call by itself and
-# would gather the whole batch onto every device. These rules run the kernels on each device's part of the batch
-# (anything else replicated) and sum the weight gradient's per-device parts.
-_forward = custom_partitioning(_forward_call, static_argnums=(2, 3))
+# Under a sharded jit each device runs the kernels on its part of the batch (segnext_jax.kernels.partitioning);
+# the weight gradient's per-device parts are summed.
+_forward = partitioning.batch_parallel(
+    _forward_call, batched=(True, False), num_static=2, sharding_rule="n h w c, i j c -> n p q c"
+)
 _kernel_grad = custom_partitioning(_kernel_grad_call, static_argnums=(2, 3, 4, 5))
 
 
-def _batch_axes(shape: jax.ShapeDtypeStruct) -> str | tuple[str, ...] | None:
-    """The mesh axes the leading (batch) dimension of an operand is sharded over, if any."""
-    spec = getattr(shape.sharding, "spec", ())
-    return spec[0] if len(spec) else None
-
-
-def _forward_partition(ph, pw, mesh, arg_shapes, result_shape):
-    batch = _batch_axes(arg_shapes[0])
-    sharded, replicated = NamedSharding(mesh, PartitionSpec(batch)), NamedSharding(mesh, PartitionSpec())
-    return mesh, functools.partial(_forward_call, ph=ph, pw=pw), sharded, (sharded, replicated)
-
-
-def _forward_infer(ph, pw, mesh, arg_shapes, result_shape):
-    return NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes[0])))
-
-
 def _kernel_grad_partition(kh, kw, ph, pw, mesh, arg_shapes, result_shape):
-    batch = _batch_axes(arg_shapes[0])
+    batch = partitioning.batch_axes(arg_shapes[0])
     sharded, replicated = NamedSharding(mesh, PartitionSpec(batch)), NamedSharding(mesh, PartitionSpec())
 
     def lower(x, grad):
@@ -101,12 +75,6 @@ def _kernel_grad_infer(kh, kw, ph, pw, mesh, arg_shapes, result_shape):
     return NamedSharding(mesh, PartitionSpec())
 
 
-_forward.def_partition(
-    _forward_partition,
-    infer_sharding_from_operands=_forward_infer,
-    sharding_rule="n h w c, i j c -> n p q c",
-    need_replication_factors=("h", "w", "c", "i", "j", "p", "q"),
-)
 _kernel_grad.def_partition(
     _kernel_grad_partition,
     infer_sharding_from_operands=_kernel_grad_infer,
