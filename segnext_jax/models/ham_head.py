@@ -21,34 +21,36 @@ def draw_nmf_bases(key: jax.Array, batch: int, dim: int, rank: int, num_splits: 
 
 
 def _update_coef(x: jax.Array, bases: jax.Array, coef: jax.Array) -> jax.Array:
-    numerator = jnp.einsum("bdn,bdr->bnr", x, bases, precision=_HIGHEST)
+    numerator = jnp.einsum("bnd,bdr->bnr", x, bases, precision=_HIGHEST)
     gram = jnp.einsum("bdr,bds->brs", bases, bases, precision=_HIGHEST)
     denominator = jnp.einsum("bnr,brs->bns", coef, gram, precision=_HIGHEST)
     return coef * numerator / (denominator + NMF_EPS)
 
 
 def _update_bases(x: jax.Array, bases: jax.Array, coef: jax.Array) -> jax.Array:
-    numerator = jnp.einsum("bdn,bnr->bdr", x, coef, precision=_HIGHEST)
+    numerator = jnp.einsum("bnd,bnr->bdr", x, coef, precision=_HIGHEST)
     gram = jnp.einsum("bnr,bns->brs", coef, coef, precision=_HIGHEST)
     denominator = jnp.einsum("bdr,brs->bds", bases, gram, precision=_HIGHEST)
     return bases * numerator / (denominator + NMF_EPS)
 
 
 def nmf2d(x: jax.Array, bases: jax.Array, steps: int, *, inv_t: float = 1.0, one_step_grad: bool = False) -> jax.Array:
-    """NMF2D.forward on `x` (B*S, D, N) >= 0 with initial `bases` (B*S, D, R); returns bases @ coef^T (B*S, D, N).
+    """NMF2D.forward on `x` >= 0 with initial `bases` (B*S, D, R); returns (bases @ coef^T)^T.
 
-    Multiplicative updates: coef = softmax(inv_t * x^T bases), `steps` (coef, bases) updates, one final coef update.
-    The reference back-propagates through every iteration; `one_step_grad` stops the gradient before the final coef
-    update instead (HamNet / JSeg).
+    `x` is the transpose (B*S, N, D) of the reference's (B*S, D, N), the layout of NHWC features (no transposes,
+    which XLA:CPU runs slowly in the backward pass), and so is the result. Multiplicative updates: coef =
+    softmax(inv_t * x^T bases), `steps` (coef, bases) updates, one final coef update. The reference
+    back-propagates through every iteration; `one_step_grad` stops the gradient before the final coef update
+    instead (HamNet / JSeg).
     """
-    coef = jax.nn.softmax(inv_t * jnp.einsum("bdn,bdr->bnr", x, bases, precision=_HIGHEST), axis=-1)
+    coef = jax.nn.softmax(inv_t * jnp.einsum("bnd,bdr->bnr", x, bases, precision=_HIGHEST), axis=-1)
     for _ in range(steps):
         coef = _update_coef(x, bases, coef)
         bases = _update_bases(x, bases, coef)
     if one_step_grad:
         bases, coef = jax.lax.stop_gradient(bases), jax.lax.stop_gradient(coef)
     coef = _update_coef(x, bases, coef)
-    return jnp.einsum("bdr,bnr->bdn", bases, coef, precision=_HIGHEST)
+    return jnp.einsum("bdr,bnr->bnd", bases, coef, precision=_HIGHEST)
 
 
 class NMF2D(nnx.Module):
@@ -81,8 +83,8 @@ class NMF2D(nnx.Module):
         b, h, w, c = x.shape
         s = self.num_splits
         d = c // s
-        # NHWC (B, H, W, S*D) -> the reference's (B*S, D, N) layout, N = H*W in row-major order.
-        x_ref = x.astype(jnp.float32).reshape(b, h * w, s, d).transpose(0, 2, 3, 1).reshape(b * s, d, h * w)
+        # NHWC (B, H, W, S*D) -> (B*S, N, D), N = H*W in row-major order: the reference's (B*S, D, N) transposed.
+        x_nd = x.astype(jnp.float32).reshape(b, h * w, s, d).transpose(0, 2, 1, 3).reshape(b * s, h * w, d)
         if bases is None:
             if rngs is not None:
                 key = rngs["nmf"]()
@@ -94,8 +96,8 @@ class NMF2D(nnx.Module):
         elif bases.shape != (b * s, d, self.rank):
             raise ValueError(f"nmf_bases must have shape {(b * s, d, self.rank)} (batch*S, D, R); got {bases.shape}")
         steps = self.eval_steps if self.deterministic else self.train_steps
-        y = nmf2d(x_ref, bases.astype(jnp.float32), steps, inv_t=self.inv_t, one_step_grad=self.one_step_grad)
-        y = y.reshape(b, s, d, h * w).transpose(0, 3, 1, 2).reshape(b, h, w, c)
+        y = nmf2d(x_nd, bases.astype(jnp.float32), steps, inv_t=self.inv_t, one_step_grad=self.one_step_grad)
+        y = y.reshape(b, s, h * w, d).transpose(0, 2, 1, 3).reshape(b, h, w, c)
         return y.astype(x.dtype)
 
 
