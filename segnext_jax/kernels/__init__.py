@@ -1,5 +1,7 @@
 """Native kernels: C++ called from XLA through its FFI, for operations XLA compiles poorly on some backend.
 
 - `depthwise`: depth-wise convolution and its weight gradient on CPU (models.depthwise's 'native' implementation).
-- `build`: compiles the C++ sources on first use and caches the libraries per machine.
+- `cross_entropy`: the training loss's bilinear upsampling and cross-entropy, and its gradient, on CPU.
+- `build`: compiles the C++ sources on first use, caches the libraries per machine and registers them with XLA.
+- `partitioning`: runs a kernel on each device's part of the batch under a batch-sharded jit.
 """

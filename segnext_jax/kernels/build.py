@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import functools
 import hashlib
 import os
 import platform
@@ -106,6 +108,7 @@ def build(name: str) -> Path:
     key = hashlib.sha256()
     for part in (
         source.read_bytes(),
+        *(header.read_bytes() for header in sorted(SOURCE_DIR.glob("*.h"))),
         " ".join(compiler + list(BASE_FLAGS)).encode(),
         _compiler_version(compiler).encode(),
         *(header.read_bytes() for header in sorted(include.glob("xla/ffi/api/*.h"))),
@@ -144,19 +147,41 @@ def load(name: str) -> ctypes.CDLL:
         raise BuildError(f"cannot load {library} ({error}): delete it to rebuild") from error
 
 
-def register(name: str, symbols: dict[str, str], what: str, fallback: str) -> str | None:
-    """Builds and loads `<name>.cc` and registers its FFI handlers (`symbols`: target name -> C symbol) with XLA:CPU.
+@dataclasses.dataclass(frozen=True)
+class NativeKernels:
+    """The FFI handlers of one C++ source `<library>.cc`: `symbols` maps XLA target names to C symbols; `what` they
+    are and the `fallback` used without them go into the warning logged when they cannot be built."""
 
-    Returns None, or why the kernels cannot be used (SEGNEXT_JAX_NATIVE_KERNELS=0, or the build failed, which is
-    also logged as a warning naming `what` the kernels are and the `fallback` used instead).
-    """
+    library: str
+    symbols: tuple[tuple[str, str], ...]
+    what: str
+    fallback: str
+
+    def unavailable_reason(self) -> str | None:
+        """None once the kernels are compiled and registered with XLA:CPU, else why they cannot be (one line):
+        SEGNEXT_JAX_NATIVE_KERNELS=0, or the build failed (also logged once as a warning)."""
+        return _register(self)
+
+    def available(self) -> bool:
+        """Whether the kernels can be used (builds them on the first call)."""
+        return self.unavailable_reason() is None
+
+    def require(self) -> None:
+        """Raises RuntimeError saying why if the kernels cannot be used."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"the native CPU {self.what} are unavailable: {reason}")
+
+
+@functools.cache
+def _register(kernels: NativeKernels) -> str | None:
     if os.environ.get("SEGNEXT_JAX_NATIVE_KERNELS", "1") == "0":
         return "turned off by SEGNEXT_JAX_NATIVE_KERNELS=0"
     try:
-        library = load(name)
+        library = load(kernels.library)
     except BuildError as error:
-        logging.warning("native CPU %s unavailable, using %s: %s", what, fallback, error)
+        logging.warning("native CPU %s unavailable, using %s: %s", kernels.what, kernels.fallback, error)
         return str(error)
-    for target, symbol in symbols.items():
+    for target, symbol in kernels.symbols:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return None

@@ -15,21 +15,16 @@ import numpy as np
 
 from segnext_jax.kernels import build, partitioning
 
-LIBRARY = "cross_entropy_cpu"
 FORWARD = "segnext_upsampled_cross_entropy_forward"
 BACKWARD = "segnext_upsampled_cross_entropy_backward"
-_SYMBOLS = {FORWARD: "SegnextUpsampledCrossEntropyForward", BACKWARD: "SegnextUpsampledCrossEntropyBackward"}
-
-
-@functools.cache
-def unavailable_reason() -> str | None:
-    """None once the kernels are compiled and registered with XLA:CPU, else why they cannot be (one line)."""
-    return build.register(LIBRARY, _SYMBOLS, "cross-entropy kernels", "XLA's loss")
-
-
-def available() -> bool:
-    """Whether the native kernels can be used (builds them on the first call)."""
-    return unavailable_reason() is None
+KERNELS = build.NativeKernels(
+    "cross_entropy_cpu",
+    ((FORWARD, "SegnextUpsampledCrossEntropyForward"), (BACKWARD, "SegnextUpsampledCrossEntropyBackward")),
+    "cross-entropy kernels",
+    "XLA's loss",
+)
+unavailable_reason = KERNELS.unavailable_reason
+available = KERNELS.available
 
 
 def _forward_call(logits: jax.Array, labels: jax.Array, ignore_index: int) -> tuple[jax.Array, jax.Array]:
@@ -62,9 +57,7 @@ def summed_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int
 
 
 def _summed_fwd(logits, labels, ignore_index):
-    reason = unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"the native CPU cross-entropy kernels are unavailable: {reason}")
+    KERNELS.require()
     labels = labels.astype(jnp.int32)
     row_loss, lse = _forward(logits, labels, ignore_index)
     return jnp.sum(row_loss), (logits, labels, lse)

@@ -15,7 +15,6 @@
 // by one task), so results do not depend on the number of threads.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,23 +22,13 @@
 #include <string>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
-namespace ffi = xla::ffi;
-
+namespace segnext {
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
-
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(sizeof(int32_t))));
-
-inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
-inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
 inline Vec Splat(float v) { return Vec{} + v; }
 inline Vec Max(Vec a, Vec b) { return a > b ? a : b; }
 
@@ -200,45 +189,6 @@ void BackwardRow(const Problem& p, const float* logits, const int32_t* labels, c
   }
 }
 
-// Runs body(chunk) -> ok for chunks 0..chunks-1 on the calling thread and on the pool's threads; the returned future
-// completes when all are done, with `error` if a chunk returned false. The calling thread takes part, so progress
-// never depends on a free pool thread.
-template <typename Body>
-ffi::Future RunChunks(ffi::ThreadPool& pool, int64_t chunks, Body body, std::string error) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> remaining{0};
-    std::atomic<bool> ok{true};
-    ffi::Promise promise;
-  };
-  auto state = std::make_shared<State>();
-  state->remaining = chunks;
-  ffi::Future future(state->promise);
-  auto work = [state, chunks, body, error]() {
-    for (int64_t chunk; (chunk = state->next.fetch_add(1)) < chunks;) {
-      if (!body(chunk)) state->ok = false;
-      if (state->remaining.fetch_sub(1) == 1) {
-        if (state->ok) {
-          state->promise.SetAvailable();
-        } else {
-          state->promise.SetError(ffi::Error::InvalidArgument(error));
-        }
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(chunks, pool.num_threads()) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  return future;
-}
-
-ffi::Future Failed(std::string message) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  promise.SetError(ffi::Error::InvalidArgument(std::move(message)));
-  return future;
-}
-
 // The problem of `logits` and `labels`, or an error message.
 std::string MakeProblem(const ffi::Buffer<ffi::F32>& logits, const ffi::Buffer<ffi::S32>& labels,
                         int64_t ignore_index, std::unique_ptr<Problem>* problem) {
@@ -271,7 +221,7 @@ ffi::Future ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi:
       [=](int64_t chunk) {
         return ForwardRows(*p, in, target, loss_out, lse_out, rows * chunk / chunks, rows * (chunk + 1) / chunks);
       },
-      error);
+      [error](bool labels_valid) { return labels_valid ? std::string() : error; });
 }
 
 ffi::Future BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> labels,
@@ -297,12 +247,15 @@ ffi::Future BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi
         }
         return true;
       },
-      "");
+      [](bool) { return std::string(); });
 }
 
 }  // namespace
+}  // namespace segnext
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextUpsampledCrossEntropyForward, ForwardImpl,
+namespace ffi = xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextUpsampledCrossEntropyForward, segnext::ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -311,7 +264,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextUpsampledCrossEntropyForward, ForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextUpsampledCrossEntropyBackward, BackwardImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextUpsampledCrossEntropyBackward, segnext::BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
@@ -15,27 +13,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from segnext_jax.kernels import build, partitioning
 
-LIBRARY = "depthwise_cpu"
 FORWARD = "segnext_depthwise_forward"
 KERNEL_GRAD = "segnext_depthwise_kernel_grad"
-_SYMBOLS = {FORWARD: "SegnextDepthwiseForward", KERNEL_GRAD: "SegnextDepthwiseKernelGrad"}
-
-
-@functools.cache
-def unavailable_reason() -> str | None:
-    """None once the kernels are compiled and registered with XLA:CPU, else why they cannot be (one line)."""
-    return build.register(LIBRARY, _SYMBOLS, "depth-wise kernels", "the slower shift_add form")
-
-
-def available() -> bool:
-    """Whether the native kernels can be used (builds them on the first call)."""
-    return unavailable_reason() is None
-
-
-def _require() -> None:
-    reason = unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"the native CPU depth-wise kernels are unavailable: {reason}")
+KERNELS = build.NativeKernels(
+    "depthwise_cpu",
+    ((FORWARD, "SegnextDepthwiseForward"), (KERNEL_GRAD, "SegnextDepthwiseKernelGrad")),
+    "depth-wise kernels",
+    "the slower shift_add form",
+)
+LIBRARY = KERNELS.library
+unavailable_reason = KERNELS.unavailable_reason
+available = KERNELS.available
 
 
 def _forward_call(x: jax.Array, taps: jax.Array, ph: int, pw: int) -> jax.Array:
@@ -86,11 +74,11 @@ _kernel_grad.def_partition(
 
 def forward(x: jax.Array, taps: jax.Array, padding: tuple[int, int]) -> jax.Array:
     """Depth-wise cross-correlation of float32 NHWC `x` with `taps` (kh, kw, C), zero padding (ph, pw) per side."""
-    _require()
+    KERNELS.require()
     return _forward(x, taps, *padding)
 
 
 def kernel_grad(x: jax.Array, grad: jax.Array, kernel_size: tuple[int, int], padding: tuple[int, int]) -> jax.Array:
     """Gradient (kh, kw, C) of `forward(x, taps, padding)` with respect to the taps, for output gradient `grad`."""
-    _require()
+    KERNELS.require()
     return _kernel_grad(x, grad, *kernel_size, *padding)

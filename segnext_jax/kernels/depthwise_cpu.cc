@@ -14,30 +14,19 @@
 // so results do not depend on the number of threads.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
-namespace ffi = xla::ffi;
-
+namespace segnext {
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
 constexpr int kBlock = 4;  // vectors of channels accumulated together
-
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
-
-inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
-inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
 
 struct Shape {
   int64_t n, h, w, c;     // input
@@ -157,41 +146,6 @@ int64_t NumChunks(const Shape& s) {
   return std::clamp<int64_t>(work / (1 << 18), 1, std::clamp<int64_t>(s.Rows(), 1, 64));
 }
 
-// Runs body(chunk) for chunks 0..chunks-1 on the calling thread and on the pool's threads; the thread finishing the
-// last chunk runs done() and completes the returned future. The calling thread takes part, so progress never
-// depends on a free pool thread.
-template <typename Body, typename Done>
-ffi::Future RunChunks(ffi::ThreadPool& pool, int64_t chunks, Body body, Done done) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> remaining{0};
-    ffi::Promise promise;
-  };
-  auto state = std::make_shared<State>();
-  state->remaining = chunks;
-  ffi::Future future(state->promise);
-  auto work = [state, chunks, body, done]() {
-    for (int64_t chunk; (chunk = state->next.fetch_add(1)) < chunks;) {
-      body(chunk);
-      if (state->remaining.fetch_sub(1) == 1) {
-        done();
-        state->promise.SetAvailable();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(chunks, pool.num_threads()) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  return future;
-}
-
-ffi::Future Failed(std::string message) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  promise.SetError(ffi::Error::InvalidArgument(std::move(message)));
-  return future;
-}
-
 // The shape of a correlation of `x` with kh x kw taps, or an error message.
 std::string MakeShape(const ffi::Buffer<ffi::F32>& x, int64_t kh, int64_t kw, int64_t ph, int64_t pw, Shape* s) {
   auto d = x.dimensions();
@@ -216,8 +170,11 @@ ffi::Future ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t rows = s.Rows(), chunks = NumChunks(s);
   return RunChunks(
       pool, chunks,
-      [=](int64_t chunk) { ForwardRows(s, in, k, out, rows * chunk / chunks, rows * (chunk + 1) / chunks); },
-      [] {});
+      [=](int64_t chunk) {
+        ForwardRows(s, in, k, out, rows * chunk / chunks, rows * (chunk + 1) / chunks);
+        return true;
+      },
+      [](bool) { return std::string(); });
 }
 
 ffi::Future KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, int64_t kh,
@@ -239,19 +196,24 @@ ffi::Future KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
       [=](int64_t chunk) {
         KernelGradRows(s, in, grad, partials->data() + chunk * size, rows * chunk / chunks,
                        rows * (chunk + 1) / chunks);
+        return true;
       },
-      [=] {
+      [=](bool) {
         const float* p = partials->data();
         std::memcpy(out, p, size * sizeof(float));
         for (int64_t chunk = 1; chunk < chunks; ++chunk) {
           for (int64_t k = 0; k < size; ++k) out[k] += p[chunk * size + k];
         }
+        return std::string();
       });
 }
 
 }  // namespace
+}  // namespace segnext
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextDepthwiseForward, ForwardImpl,
+namespace ffi = xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextDepthwiseForward, segnext::ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -260,7 +222,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextDepthwiseForward, ForwardImpl,
                                   .Attr<int64_t>("pw")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextDepthwiseKernelGrad, KernelGradImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextDepthwiseKernelGrad, segnext::KernelGradImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
