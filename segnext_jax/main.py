@@ -99,6 +99,9 @@ def enable_compilation_cache(directory: str | None) -> None:
     if directory is None:
         directory = jax.config.jax_compilation_cache_dir or str(build.cache_dir() / "xla")
     jax.config.update("jax_compilation_cache_dir", directory or None)
+    # The native kernels' sharding rules (custom_partitioning) otherwise put a per-process pointer into the cache key
+    # of every multi-device program, which then never hits; the rules depend only on shapes, so this is safe.
+    jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", bool(directory))
 
 
 def _quiet_orbax(record: std_logging.LogRecord) -> bool:

@@ -98,12 +98,22 @@ def test_native_with_every_pixel_ignored_is_zero(batch_integer_scale):
     assert float(loss) == 0.0 and not np.any(np.asarray(grad))
 
 
-def test_native_rejects_labels_that_are_not_classes(batch_integer_scale):
+@pytest.mark.parametrize("bad_label", [NUM_CLASSES, -1])
+def test_native_rejects_labels_that_are_not_classes(batch_integer_scale, bad_label):
     logits, labels = batch_integer_scale
     labels = labels.copy()
-    labels[1, 3, 4] = NUM_CLASSES
+    labels[1, 3, 4] = bad_label
     with pytest.raises(Exception, match=re.escape("neither a class in [0, 5) nor ignore_index 255")):
         jax.block_until_ready(loss_and_grad(logits, labels, "native"))
+
+
+def test_native_propagates_nan_logits(batch_integer_scale):
+    """A NaN in any class of a labelled pixel's logits makes the loss NaN, as XLA's does (divergence stays visible)."""
+    logits, labels = batch_integer_scale
+    logits = logits.copy()
+    logits[0, 2, 3, 1] = np.nan
+    for impl in ("xla", "native"):
+        assert np.isnan(float(loss_and_grad(logits, labels, impl)[0])), impl
 
 
 def test_native_under_a_batch_sharded_jit_equals_one_device():

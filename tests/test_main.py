@@ -87,3 +87,33 @@ def test_compiled_programs_are_kept_for_the_next_run(tmp_path, flag):
     expected = tmp_path / ("given" if flag == "given" else "home_cache/xla")
     assert result.stdout.strip() == str(expected)
     assert any(expected.iterdir())  # the compiled program was written there
+
+
+SHARDED_NATIVE_COMPILE = """
+import sys
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+from segnext_jax import main
+from segnext_jax.models import depthwise
+main.enable_compilation_cache(sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+x = jax.device_put(jnp.ones((2, 6, 6, 8)), NamedSharding(mesh, PartitionSpec("data")))
+step = jax.jit(lambda x, k: depthwise.depthwise_conv(x, k, (1, 1), "native"))
+step(x, jnp.ones((3, 3, 1, 8))).block_until_ready()
+"""
+
+
+def test_sharded_programs_with_native_kernels_are_found_in_the_cache(tmp_path):
+    """The kernels' sharding rules must not make every multi-device program's cache key unique to its process."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cache = tmp_path / "xla"
+    entries = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", SHARDED_NATIVE_COMPILE, str(cache)], env=env, capture_output=True, text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        entries.append(sorted(path.name for path in cache.iterdir()))
+    assert entries[0] and entries[1] == entries[0]  # the second run compiled nothing new

@@ -58,6 +58,8 @@ def summed_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int
 
 def _summed_fwd(logits, labels, ignore_index):
     KERNELS.require()
+    if not -(2**31) <= ignore_index < 2**31:
+        raise ValueError(f"ignore_index={ignore_index} does not fit the kernels' int32 labels")
     labels = labels.astype(jnp.int32)
     row_loss, lse = _forward(logits, labels, ignore_index)
     return jnp.sum(row_loss), (logits, labels, lse)

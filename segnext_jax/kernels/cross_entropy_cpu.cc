@@ -30,12 +30,13 @@ namespace {
 
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(sizeof(int32_t))));
 inline Vec Splat(float v) { return Vec{} + v; }
-inline Vec Max(Vec a, Vec b) { return a > b ? a : b; }
+// The larger of a and b, NaN where either is NaN (a NaN logit must give a NaN loss, as in XLA).
+inline Vec Max(Vec a, Vec b) { return (a > b || a != a) ? a : b; }
 
 // exp on a vector: 2^n * exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, with Cephes' expf polynomial (about 1 ulp).
 inline Vec Exp(Vec x) {
-  x = Max(x, Splat(-87.3f));
-  x = x < Splat(88.7f) ? x : Splat(88.7f);
+  x = Max(x, Splat(-87.3f));                   // NaN stays NaN
+  x = x > Splat(88.37626f) ? Splat(88.37626f) : x;  // below 2^128
   const Vec t = x * 1.44269504088896341f + 0.5f;
   IVec n = __builtin_convertvector(t, IVec);  // truncation; floor below
   n += __builtin_convertvector(n, Vec) > t;   // true is -1
@@ -56,7 +57,7 @@ inline Vec Exp(Vec x) {
 
 inline float HorizontalMax(Vec v) {
   float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  for (int i = 1; i < kLanes; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;
   return m;
 }
 
@@ -99,7 +100,8 @@ struct Problem {
   const float* LogitRow(const float* logits, int64_t b, int64_t y) const { return logits + (b * h + y) * w * k; }
 };
 
-// Per-task scratch: one label row's logits interpolated vertically (w * k) and one pixel's logits (padded_k).
+// Per-task scratch: one label row's logits interpolated vertically (w * k) and one pixel's logits (padded_k; the
+// lanes past k start as -inf for the forward's LogSumExp, and the backward, which never reads them, overwrites them).
 struct Scratch {
   std::vector<float> row, pixel;
   explicit Scratch(const Problem& p) : row(p.w * p.k), pixel(p.padded_k, -INFINITY) {}
@@ -114,7 +116,7 @@ void InterpolateRow(const Problem& p, const float* logits, int64_t b, int64_t y,
   for (int64_t i = 0; i < p.w * p.k; ++i) out[i] = w0 * r0[i] + w1 * r1[i];
 }
 
-// Pixel x of the interpolated row, into scratch.pixel (lanes past k stay -inf).
+// Pixel x of the interpolated row, into scratch.pixel[0, k).
 void InterpolatePixel(const Problem& p, int64_t x, Scratch& s) {
   const float* c0 = s.row.data() + p.cols.first[x] * p.k;
   const float* c1 = s.row.data() + p.cols.second[x] * p.k;

@@ -39,7 +39,7 @@ def nmf2d(x: jax.Array, bases: jax.Array, steps: int, *, inv_t: float = 1.0, one
 
     `x` is the transpose (B*S, N, D) of the reference's (B*S, D, N), the layout of NHWC features (no transposes,
     which XLA:CPU runs slowly in the backward pass), and so is the result. Multiplicative updates: coef =
-    softmax(inv_t * x^T bases), `steps` (coef, bases) updates, one final coef update. The reference
+    softmax(inv_t * x @ bases), `steps` (coef, bases) updates, one final coef update. The reference
     back-propagates through every iteration; `one_step_grad` stops the gradient before the final coef update
     instead (HamNet / JSeg).
     """
