@@ -1,7 +1,9 @@
 """The native CPU depth-wise kernels (C++ through the XLA FFI): equal to XLA's grouped convolution in value and in
-both gradients, under sharding too; the build's cache and errors; the fallback (of these and of the cross-entropy
-kernels, tested against mmseg in test_loss.py) when they are turned off or do not build."""
+every gradient, alone and fused with an input bias, a bias and GELU (as in the feed-forward), under sharding too; the
+build's cache and errors; the fallback (of these and of the cross-entropy kernels, tested against mmseg in
+test_loss.py) when they are turned off or do not build."""
 
+import math
 import os
 import re
 import subprocess
@@ -35,9 +37,17 @@ def relative_error(ours, reference) -> float:
     return float(jnp.max(jnp.abs(ours - reference)) / jnp.max(jnp.abs(reference)))
 
 
-def value_and_grads(impl, x, kernel, padding, cotangent):
-    y, vjp = jax.vjp(lambda x, k: depthwise.depthwise_conv(x, k, padding, impl), x, kernel)
-    return (y, *vjp(cotangent))
+def value_and_grads(impl, fused, x, kernel, input_bias, bias, padding, cotangent):
+    """The output and its VJP's gradients for x and kernel, and for both biases if `fused` (which adds GELU too)."""
+
+    def conv(x, kernel, input_bias, bias):
+        if not fused:
+            return depthwise.depthwise_conv(x, kernel, padding, impl)
+        return depthwise.depthwise_conv(x, kernel, padding, impl, bias=bias, input_bias=input_bias, gelu=True)
+
+    y, vjp = jax.vjp(conv, x, kernel, input_bias, bias)
+    grads = vjp(cotangent)
+    return (y, *(grads if fused else grads[:2]))
 
 
 def test_native_kernels_build_on_this_machine():
@@ -46,18 +56,39 @@ def test_native_kernels_build_on_this_machine():
     assert depthwise.resolve_impl("auto", jnp.bfloat16) == "shift_add"
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("shape,kernel_size,padding", CASES)
-def test_native_equals_xla_value_and_gradients(shape, kernel_size, padding):
+def test_native_and_shift_add_equal_xla_value_and_gradients(shape, kernel_size, padding, fused):
     rng = np.random.default_rng(sum(shape))
     x = jnp.asarray(rng.standard_normal(shape, np.float32))
     kernel = jnp.asarray(rng.standard_normal((*kernel_size, 1, shape[-1]), np.float32))
+    input_bias, bias = (jnp.asarray(rng.standard_normal(shape[-1:], np.float32)) for _ in range(2))
     out_shape = jax.eval_shape(lambda x, k: depthwise.depthwise_conv_xla(x, k, padding), x, kernel).shape
     cotangent = jnp.asarray(rng.standard_normal(out_shape, np.float32))
-    expected = jax.jit(value_and_grads, static_argnums=(0, 3))("xla", x, kernel, padding, cotangent)
-    native = jax.jit(value_and_grads, static_argnums=(0, 3))("native", x, kernel, padding, cotangent)
-    for name, ours, reference in zip(("output", "input gradient", "kernel gradient"), native, expected):
-        assert ours.shape == reference.shape
-        assert relative_error(ours, reference) <= 2e-6, name
+    run = jax.jit(value_and_grads, static_argnums=(0, 1, 6))
+    expected = run("xla", fused, x, kernel, input_bias, bias, padding, cotangent)
+    names = ("output", "input gradient", "kernel gradient", "input bias gradient", "bias gradient")
+    for impl in ("native", "shift_add"):
+        ours = run(impl, fused, x, kernel, input_bias, bias, padding, cotangent)
+        assert len(ours) == len(expected) == (5 if fused else 3)
+        for name, value, reference in zip(names, ours, expected):
+            assert value.shape == reference.shape
+            assert relative_error(value, reference) <= 2e-6, (impl, name)
+
+
+def test_fused_gelu_is_exact_gelu_to_float32_rounding():
+    # GELU inside the kernel (an erfc fit) against 0.5 z erfc(-z / sqrt 2) in float64, over the range where erfc
+    # saturates, on a 1x1 identity convolution; 37 channels run the vector and the scalar code. (PyTorch's own GELU,
+    # 0.5 z (1 + erf(z / sqrt 2)), loses the negative tail to cancellation: up to 1e-6 absolute.)
+    z = np.linspace(-12.0, 12.0, 2 * 37 * 50, dtype=np.float32).reshape(1, 2, 50, 37)
+    kernel = jnp.ones((1, 1, 1, 37), jnp.float32)
+    ours = jax.jit(lambda x: depthwise.depthwise_conv(x, kernel, (0, 0), "native", gelu=True))(jnp.asarray(z))
+    exact = np.vectorize(lambda v: 0.5 * v * math.erfc(-v / math.sqrt(2.0)))(z.astype(np.float64))
+    ours, core = np.asarray(ours), np.abs(z) <= 4
+    np.testing.assert_allclose(ours[core], exact[core], rtol=1e-6, atol=1e-7)
+    # beyond, erfc(u) ~ exp(-u^2) inherits u^2's float32 rounding: a relative 2^-23 u^2, 1e-5 at z = -12
+    np.testing.assert_allclose(ours[~core], exact[~core], rtol=3e-5, atol=1e-37)
+    assert np.all(ours[z < -1] < 0)  # no tail rounded to zero or to the wrong sign
 
 
 def test_kernel_gradient_is_repeatable():
@@ -76,19 +107,21 @@ def test_native_under_a_batch_sharded_jit_equals_one_device():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((8, 12, 10, 24), np.float32))
     kernel = jnp.asarray(rng.standard_normal((5, 5, 1, 24), np.float32))
+    input_bias, bias = (jnp.asarray(rng.standard_normal((24,), np.float32)) for _ in range(2))
 
-    def loss(x, kernel):
-        return jnp.sum(jnp.square(depthwise.depthwise_conv(x, kernel, (2, 2), "native")))
+    def loss(x, kernel, input_bias, bias):
+        y = depthwise.depthwise_conv(x, kernel, (2, 2), "native", bias=bias, input_bias=input_bias, gelu=True)
+        return jnp.sum(jnp.square(y))
 
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    expected = grads(x, kernel)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    expected = grads(x, kernel, input_bias, bias)
     x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
-    sharded = grads(x_sharded, kernel)
+    sharded = grads(x_sharded, kernel, input_bias, bias)
     for ours, reference in zip(sharded, expected):
         assert relative_error(ours, reference) <= 1e-6
     # each device runs the kernels on its own image (batch 1 of 8), not on a gathered batch; the weight gradient's
     # per-device parts are summed
-    program = grads.lower(x_sharded, kernel).compile().as_text()
+    program = grads.lower(x_sharded, kernel, input_bias, bias).compile().as_text()
     kernel_operands = re.findall(r"custom-call\((.*?)\), custom_call_target=\"segnext_depthwise", program)
     assert len(kernel_operands) == 3  # forward, input gradient, weight gradient
     assert "all-gather" not in program and "all-reduce" in program

@@ -28,33 +28,6 @@
 namespace segnext {
 namespace {
 
-typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(sizeof(int32_t))));
-inline Vec Splat(float v) { return Vec{} + v; }
-// The larger of a and b, NaN where either is NaN (a NaN logit must give a NaN loss, as in XLA).
-inline Vec Max(Vec a, Vec b) { return (a > b || a != a) ? a : b; }
-
-// exp on a vector: 2^n * exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, with Cephes' expf polynomial (about 1 ulp).
-inline Vec Exp(Vec x) {
-  x = Max(x, Splat(-87.3f));                   // NaN stays NaN
-  x = x > Splat(88.37626f) ? Splat(88.37626f) : x;  // below 2^128
-  const Vec t = x * 1.44269504088896341f + 0.5f;
-  IVec n = __builtin_convertvector(t, IVec);  // truncation; floor below
-  n += __builtin_convertvector(n, Vec) > t;   // true is -1
-  const Vec nf = __builtin_convertvector(n, Vec);
-  const Vec r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  Vec p = Splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const Vec e = p * r * r + r + 1.0f;
-  const IVec exponent = (n + 127) << 23;
-  Vec scale;
-  std::memcpy(&scale, &exponent, sizeof scale);
-  return e * scale;
-}
-
 inline float HorizontalMax(Vec v) {
   float m = v[0];
   for (int i = 1; i < kLanes; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;

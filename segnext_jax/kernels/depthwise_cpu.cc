@@ -4,20 +4,26 @@
 //
 // Two handlers, both on NHWC float32 arrays, both splitting the output rows over XLA's intra-op thread pool and
 // completing asynchronously:
-//   SegnextDepthwiseForward(x (N, H, W, C), taps (kh, kw, C); ph, pw) -> y (N, H + 2ph - kh + 1, W + 2pw - kw + 1, C)
-//     y[n, oh, ow, c] = sum_ij x[n, oh + i - ph, ow + j - pw, c] * taps[i, j, c]   (zero outside x)
-//     The input gradient is this same correlation of the output gradient with the flipped taps.
-//   SegnextDepthwiseKernelGrad(x (N, H, W, C), dy (N, OH, OW, C); kh, kw, ph, pw) -> dtaps (kh, kw, C)
-//     dtaps[i, j, c] = sum_{n, oh, ow} x[n, oh + i - ph, ow + j - pw, c] * dy[n, oh, ow, c]
+//   SegnextDepthwiseForward(x (N, H, W, C), taps (kh, kw, C), input_bias (C), bias (C); ph, pw, use_input_bias, gelu)
+//       -> y (N, H + 2ph - kh + 1, W + 2pw - kw + 1, C)
+//     z[n, oh, ow, c] = bias[c] + sum_ij u[n, oh + i - ph, ow + j - pw, c] * taps[i, j, c],
+//     u = x + input_bias inside x (if use_input_bias) and zero outside;  y = GELU(z) if gelu else z.
+//     The input bias and the GELU fuse the block's feed-forward (1x1 conv's bias, depth-wise conv, GELU) into one
+//     pass. The input gradient is this same correlation (no biases, no GELU) of dz with the flipped taps.
+//   SegnextDepthwiseKernelGrad(x (N, H, W, C), input_bias (C), dz (N, OH, OW, C); kh, kw, ph, pw, use_input_bias)
+//       -> dtaps (kh, kw, C)
+//     dtaps[i, j, c] = sum_{n, oh, ow} u[n, oh + i - ph, ow + j - pw, c] * dz[n, oh, ow, c]
 // Channels are processed in SIMD vectors (GCC / Clang vector extensions, so the same source builds for AVX2,
 // AVX-512 or NEON with -march=native) with the accumulators in registers. The row split depends only on the shapes,
 // so results do not depend on the number of threads.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -44,56 +50,90 @@ struct Shape {
   }
 };
 
-// Output pixel (b, oy, ox), channels [c0, c0 + V * kLanes): the taps' sum accumulated in registers.
-template <int V>
-inline void ForwardVectors(const Shape& s, const float* x, const float* taps, float* out, int64_t b, int64_t oy,
-                           int64_t ox, int64_t c0) {
-  const int64_t j0 = s.J0(ox), j1 = s.J1(ox);
-  Vec acc[V] = {};
-  for (int64_t i = s.I0(oy); i < s.I1(oy); ++i) {
-    const float* in = s.InputAt(x, b, oy + i - s.ph, ox + j0 - s.pw) + c0;
-    const float* tap = taps + (i * s.kw + j0) * s.c + c0;
-    for (int64_t j = j0; j < j1; ++j, in += s.c, tap += s.c) {
-      for (int v = 0; v < V; ++v) acc[v] += Load(in + v * kLanes) * Load(tap + v * kLanes);
-    }
-  }
-  for (int v = 0; v < V; ++v) Store(out + c0 + v * kLanes, acc[v]);
-}
+// The forward's operands.
+struct Forward {
+  const float* x;
+  const float* taps;
+  const float* input_bias;
+  const float* bias;
+  float* y;
+};
 
-inline void ForwardScalars(const Shape& s, const float* x, const float* taps, float* out, int64_t b, int64_t oy,
-                           int64_t ox, int64_t c0) {
+// Output pixel (b, oy, ox), channels [c0, c0 + V * kLanes): the taps' sum accumulated in registers.
+template <int V, bool kInputBias, bool kGelu>
+inline void ForwardVectors(const Shape& s, const Forward& f, float* out, int64_t b, int64_t oy, int64_t ox,
+                           int64_t c0) {
   const int64_t j0 = s.J0(ox), j1 = s.J1(ox);
-  for (int64_t ch = c0; ch < s.c; ++ch) {
-    float acc = 0.0f;
-    for (int64_t i = s.I0(oy); i < s.I1(oy); ++i) {
-      for (int64_t j = j0; j < j1; ++j) {
-        acc += s.InputAt(x, b, oy + i - s.ph, ox + j - s.pw)[ch] * taps[(i * s.kw + j) * s.c + ch];
+  Vec acc[V], input_bias[V];
+  for (int v = 0; v < V; ++v) {
+    acc[v] = Load(f.bias + c0 + v * kLanes);
+    if (kInputBias) input_bias[v] = Load(f.input_bias + c0 + v * kLanes);
+  }
+  for (int64_t i = s.I0(oy); i < s.I1(oy); ++i) {
+    const float* in = s.InputAt(f.x, b, oy + i - s.ph, ox + j0 - s.pw) + c0;
+    const float* tap = f.taps + (i * s.kw + j0) * s.c + c0;
+    for (int64_t j = j0; j < j1; ++j, in += s.c, tap += s.c) {
+      for (int v = 0; v < V; ++v) {
+        Vec u = Load(in + v * kLanes);
+        if (kInputBias) u += input_bias[v];
+        acc[v] += u * Load(tap + v * kLanes);
       }
     }
-    out[ch] = acc;
+  }
+  for (int v = 0; v < V; ++v) Store(out + c0 + v * kLanes, kGelu ? Gelu(acc[v]) : acc[v]);
+}
+
+template <bool kInputBias, bool kGelu>
+inline void ForwardScalars(const Shape& s, const Forward& f, float* out, int64_t b, int64_t oy, int64_t ox,
+                           int64_t c0) {
+  const int64_t j0 = s.J0(ox), j1 = s.J1(ox);
+  for (int64_t ch = c0; ch < s.c; ++ch) {
+    float acc = f.bias[ch];
+    for (int64_t i = s.I0(oy); i < s.I1(oy); ++i) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const float u = s.InputAt(f.x, b, oy + i - s.ph, ox + j - s.pw)[ch] + (kInputBias ? f.input_bias[ch] : 0.0f);
+        acc += u * f.taps[(i * s.kw + j) * s.c + ch];
+      }
+    }
+    out[ch] = kGelu ? 0.5f * acc * std::erfc(acc * -0.70710678118654752f) : acc;
   }
 }
 
 // Pixel by pixel, all channels of a pixel before the next (reads the input and taps contiguously: faster than
 // channel blocks outermost once C is in the hundreds).
-void ForwardRows(const Shape& s, const float* x, const float* taps, float* y, int64_t row0, int64_t row1) {
+template <bool kInputBias, bool kGelu>
+void ForwardRows(const Shape& s, const Forward& f, int64_t row0, int64_t row1) {
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t b = row / s.oh, oy = row % s.oh;
-    float* out = y + row * s.ow * s.c;
+    float* out = f.y + row * s.ow * s.c;
     for (int64_t ox = 0; ox < s.ow; ++ox, out += s.c) {
       int64_t c0 = 0;
-      for (; c0 + kBlock * kLanes <= s.c; c0 += kBlock * kLanes) ForwardVectors<kBlock>(s, x, taps, out, b, oy, ox, c0);
-      for (; c0 + kLanes <= s.c; c0 += kLanes) ForwardVectors<1>(s, x, taps, out, b, oy, ox, c0);
-      if (c0 < s.c) ForwardScalars(s, x, taps, out, b, oy, ox, c0);
+      for (; c0 + kBlock * kLanes <= s.c; c0 += kBlock * kLanes) {
+        ForwardVectors<kBlock, kInputBias, kGelu>(s, f, out, b, oy, ox, c0);
+      }
+      for (; c0 + kLanes <= s.c; c0 += kLanes) ForwardVectors<1, kInputBias, kGelu>(s, f, out, b, oy, ox, c0);
+      if (c0 < s.c) ForwardScalars<kInputBias, kGelu>(s, f, out, b, oy, ox, c0);
     }
   }
 }
 
+// ForwardRows for the runtime choice of input bias and GELU.
+void SelectForwardRows(const Shape& s, const Forward& f, bool input_bias, bool gelu, int64_t row0, int64_t row1) {
+  if (input_bias && gelu) return ForwardRows<true, true>(s, f, row0, row1);
+  if (input_bias) return ForwardRows<true, false>(s, f, row0, row1);
+  if (gelu) return ForwardRows<false, true>(s, f, row0, row1);
+  ForwardRows<false, false>(s, f, row0, row1);
+}
+
 // Adds one output row's contribution to `dtaps`, channels [c0, c0 + V * kLanes).
-template <int V>
-void KernelGradVectors(const Shape& s, const float* x, const float* dy, float* dtaps, int64_t b, int64_t oy,
-                       int64_t c0) {
+template <int V, bool kInputBias>
+void KernelGradVectors(const Shape& s, const float* x, const float* input_bias, const float* dy, float* dtaps,
+                       int64_t b, int64_t oy, int64_t c0) {
   const float* grad_row = dy + (b * s.oh + oy) * s.ow * s.c + c0;
+  Vec bias[V];
+  if (kInputBias) {
+    for (int v = 0; v < V; ++v) bias[v] = Load(input_bias + c0 + v * kLanes);
+  }
   for (int64_t i = s.I0(oy); i < s.I1(oy); ++i) {
     for (int64_t j = 0; j < s.kw; ++j) {
       // output columns whose input column ox + j - pw lies inside the row
@@ -103,7 +143,11 @@ void KernelGradVectors(const Shape& s, const float* x, const float* dy, float* d
       const float* grad = grad_row + ox0 * s.c;
       Vec acc[V] = {};
       for (int64_t ox = ox0; ox < ox1; ++ox, in += s.c, grad += s.c) {
-        for (int v = 0; v < V; ++v) acc[v] += Load(in + v * kLanes) * Load(grad + v * kLanes);
+        for (int v = 0; v < V; ++v) {
+          Vec u = Load(in + v * kLanes);
+          if (kInputBias) u += bias[v];
+          acc[v] += u * Load(grad + v * kLanes);
+        }
       }
       float* tap = dtaps + (i * s.kw + j) * s.c + c0;
       for (int v = 0; v < V; ++v) Store(tap + v * kLanes, Load(tap + v * kLanes) + acc[v]);
@@ -111,8 +155,9 @@ void KernelGradVectors(const Shape& s, const float* x, const float* dy, float* d
   }
 }
 
-void KernelGradScalars(const Shape& s, const float* x, const float* dy, float* dtaps, int64_t b, int64_t oy,
-                       int64_t c0) {
+template <bool kInputBias>
+void KernelGradScalars(const Shape& s, const float* x, const float* input_bias, const float* dy, float* dtaps,
+                       int64_t b, int64_t oy, int64_t c0) {
   const float* grad_row = dy + (b * s.oh + oy) * s.ow * s.c;
   for (int64_t i = s.I0(oy); i < s.I1(oy); ++i) {
     for (int64_t j = 0; j < s.kw; ++j) {
@@ -120,7 +165,8 @@ void KernelGradScalars(const Shape& s, const float* x, const float* dy, float* d
       for (int64_t ch = c0; ch < s.c; ++ch) {
         float acc = 0.0f;
         for (int64_t ox = ox0; ox < ox1; ++ox) {
-          acc += s.InputAt(x, b, oy + i - s.ph, ox + j - s.pw)[ch] * grad_row[ox * s.c + ch];
+          const float u = s.InputAt(x, b, oy + i - s.ph, ox + j - s.pw)[ch] + (kInputBias ? input_bias[ch] : 0.0f);
+          acc += u * grad_row[ox * s.c + ch];
         }
         dtaps[(i * s.kw + j) * s.c + ch] += acc;
       }
@@ -128,13 +174,17 @@ void KernelGradScalars(const Shape& s, const float* x, const float* dy, float* d
   }
 }
 
-void KernelGradRows(const Shape& s, const float* x, const float* dy, float* dtaps, int64_t row0, int64_t row1) {
+template <bool kInputBias>
+void KernelGradRows(const Shape& s, const float* x, const float* input_bias, const float* dy, float* dtaps,
+                    int64_t row0, int64_t row1) {
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t b = row / s.oh, oy = row % s.oh;
     int64_t c0 = 0;
-    for (; c0 + kBlock * kLanes <= s.c; c0 += kBlock * kLanes) KernelGradVectors<kBlock>(s, x, dy, dtaps, b, oy, c0);
-    for (; c0 + kLanes <= s.c; c0 += kLanes) KernelGradVectors<1>(s, x, dy, dtaps, b, oy, c0);
-    if (c0 < s.c) KernelGradScalars(s, x, dy, dtaps, b, oy, c0);
+    for (; c0 + kBlock * kLanes <= s.c; c0 += kBlock * kLanes) {
+      KernelGradVectors<kBlock, kInputBias>(s, x, input_bias, dy, dtaps, b, oy, c0);
+    }
+    for (; c0 + kLanes <= s.c; c0 += kLanes) KernelGradVectors<1, kInputBias>(s, x, input_bias, dy, dtaps, b, oy, c0);
+    if (c0 < s.c) KernelGradScalars<kInputBias>(s, x, input_bias, dy, dtaps, b, oy, c0);
   }
 }
 
@@ -157,35 +207,47 @@ std::string MakeShape(const ffi::Buffer<ffi::F32>& x, int64_t kh, int64_t kw, in
   return "";
 }
 
-ffi::Future ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> taps, int64_t ph,
-                        int64_t pw, ffi::ResultBuffer<ffi::F32> y) {
+// An error message unless `bias` is a vector of C values.
+std::string CheckChannels(const ffi::Buffer<ffi::F32>& bias, int64_t c, const char* name) {
+  auto d = bias.dimensions();
+  if (d.size() != 1 || d[0] != c) return std::string("depth-wise convolution: ") + name + " must have shape (C,)";
+  return "";
+}
+
+ffi::Future ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> taps,
+                        ffi::Buffer<ffi::F32> input_bias, ffi::Buffer<ffi::F32> bias, int64_t ph, int64_t pw,
+                        bool use_input_bias, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
   auto t = taps.dimensions();
   if (t.size() != 3) return Failed("depth-wise convolution: taps must be (kh, kw, C)");
   Shape s;
   if (std::string error = MakeShape(x, t[0], t[1], ph, pw, &s); !error.empty()) return Failed(error);
   if (t[2] != s.c) return Failed("depth-wise convolution: taps and input differ in channels");
-  const float* in = x.typed_data();
-  const float* k = taps.typed_data();
-  float* out = y->typed_data();
+  for (auto [buffer, name] : {std::pair{&input_bias, "the input bias"}, std::pair{&bias, "the bias"}}) {
+    if (std::string error = CheckChannels(*buffer, s.c, name); !error.empty()) return Failed(error);
+  }
+  const Forward f{x.typed_data(), taps.typed_data(), input_bias.typed_data(), bias.typed_data(), y->typed_data()};
   const int64_t rows = s.Rows(), chunks = NumChunks(s);
   return RunChunks(
       pool, chunks,
       [=](int64_t chunk) {
-        ForwardRows(s, in, k, out, rows * chunk / chunks, rows * (chunk + 1) / chunks);
+        SelectForwardRows(s, f, use_input_bias, gelu, rows * chunk / chunks, rows * (chunk + 1) / chunks);
         return true;
       },
       [](bool) { return std::string(); });
 }
 
-ffi::Future KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, int64_t kh,
-                           int64_t kw, int64_t ph, int64_t pw, ffi::ResultBuffer<ffi::F32> dtaps) {
+ffi::Future KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> input_bias,
+                           ffi::Buffer<ffi::F32> dy, int64_t kh, int64_t kw, int64_t ph, int64_t pw,
+                           bool use_input_bias, ffi::ResultBuffer<ffi::F32> dtaps) {
   Shape s;
   if (std::string error = MakeShape(x, kh, kw, ph, pw, &s); !error.empty()) return Failed(error);
+  if (std::string error = CheckChannels(input_bias, s.c, "the input bias"); !error.empty()) return Failed(error);
   auto g = dy.dimensions();
   if (g.size() != 4 || g[0] != s.n || g[1] != s.oh || g[2] != s.ow || g[3] != s.c) {
     return Failed("depth-wise convolution: the output gradient does not match the output shape");
   }
   const float* in = x.typed_data();
+  const float* bias = input_bias.typed_data();
   const float* grad = dy.typed_data();
   float* out = dtaps->typed_data();
   const int64_t rows = s.Rows(), chunks = NumChunks(s), size = kh * kw * s.c;
@@ -194,8 +256,13 @@ ffi::Future KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   return RunChunks(
       pool, chunks,
       [=](int64_t chunk) {
-        KernelGradRows(s, in, grad, partials->data() + chunk * size, rows * chunk / chunks,
-                       rows * (chunk + 1) / chunks);
+        float* part = partials->data() + chunk * size;
+        const int64_t row0 = rows * chunk / chunks, row1 = rows * (chunk + 1) / chunks;
+        if (use_input_bias) {
+          KernelGradRows<true>(s, in, bias, grad, part, row0, row1);
+        } else {
+          KernelGradRows<false>(s, in, bias, grad, part, row0, row1);
+        }
         return true;
       },
       [=](bool) {
@@ -218,8 +285,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextDepthwiseForward, segnext::ForwardImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("ph")
                                   .Attr<int64_t>("pw")
+                                  .Attr<bool>("use_input_bias")
+                                  .Attr<bool>("gelu")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextDepthwiseKernelGrad, segnext::KernelGradImpl,
@@ -227,8 +298,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegnextDepthwiseKernelGrad, segnext::KernelGradImp
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw")
                                   .Attr<int64_t>("ph")
                                   .Attr<int64_t>("pw")
+                                  .Attr<bool>("use_input_bias")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -10,7 +10,9 @@
 - `auto`: on CPU `native` (float32, when it builds) else `shift_add`; `xla` elsewhere; chosen when traced.
 - `portable`: `shift_add` on CPU and `xla` elsewhere, chosen by `lax.platform_dependent` when the program runs, for
   serialized programs (`jax.export`) that must not call this package's C++ code.
-All take the same HWIO kernel of shape (kh, kw, 1, C) and agree to float32 rounding.
+All take the same HWIO kernel of shape (kh, kw, 1, C) and agree to float32 rounding. Each also computes
+GELU(conv(x + input_bias) + bias), any part optional: the block's feed-forward hands its first 1x1 convolution's bias
+and its GELU to the depth-wise convolution, which `native` does in the same pass over the (widest) activations.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from segnext_jax.kernels import depthwise as native_kernels
+from segnext_jax.models import layers
 from segnext_jax.models.layers import DType, conv_kernel_init
 
 IMPLEMENTATIONS = ("auto", "xla", "native", "shift_add", "portable")
@@ -75,55 +78,92 @@ def _shift_add_kernel_grad(x: jax.Array, grad: jax.Array, kernel_size: tuple[int
     return jnp.stack(taps).reshape(*kernel_size, -1)
 
 
+def _shift_add_fused(x, taps, pad, *, bias=None, input_bias=None, gelu=False):
+    """`_shift_add` of `x + input_bias` (zero padded after the bias, as in the kernels), plus `bias`, then GELU."""
+    y = _shift_add(x if input_bias is None else x + input_bias, taps, pad)
+    y = y if bias is None else y + bias
+    return layers.gelu(y) if gelu else y
+
+
+def _shift_add_fused_kernel_grad(x, grad, kernel_size, pad, *, input_bias=None):
+    return _shift_add_kernel_grad(x if input_bias is None else x + input_bias, grad, kernel_size, pad)
+
+
 def _make_depthwise(correlate, kernel_grad):
-    """A depth-wise convolution `(x, kernel (kh, kw, 1, C), padding) -> y` from a correlation `(x, taps, pad)` and a
-    weight gradient `(x, grad, kernel_size, pad)`, with its VJP: the input gradient correlates the output gradient
-    with the flipped taps, padded by (k - 1 - p) on each side to map the output grid back onto the input grid."""
+    """A depth-wise convolution `(x, kernel (kh, kw, 1, C), input_bias, bias, padding, gelu) -> y` from a fused
+    correlation `(x, taps, pad, *, bias, input_bias, gelu)` and a weight gradient `(x, grad, kernel_size, pad, *,
+    input_bias)`, with its VJP: GELU's derivative at the saved pre-activation z, then the input gradient correlates dz
+    with the flipped taps, padded by (k - 1 - p) on each side to map the output grid back onto the input grid; the
+    biases' gradients are sums of the input and output gradients. `input_bias` and `bias` may be None."""
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-    def conv(x: jax.Array, kernel: jax.Array, padding: tuple[int, int]) -> jax.Array:
-        return correlate(x, kernel[:, :, 0, :], padding)
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+    def conv(x, kernel, input_bias, bias, padding, gelu):
+        return correlate(x, kernel[:, :, 0, :], padding, bias=bias, input_bias=input_bias, gelu=gelu)
 
-    def fwd(x, kernel, padding):
-        return conv(x, kernel, padding), (x, kernel)
+    def fwd(x, kernel, input_bias, bias, padding, gelu):
+        z = correlate(x, kernel[:, :, 0, :], padding, bias=bias, input_bias=input_bias)
+        return (layers.gelu(z) if gelu else z), (x, kernel, input_bias, bias, z if gelu else None)
 
-    def bwd(padding, residuals, grad):
-        x, kernel = residuals
+    def bwd(padding, gelu, residuals, grad):
+        x, kernel, input_bias, bias, z = residuals
+        if gelu:
+            grad = grad * layers.gelu_grad(z)
         kh, kw = kernel.shape[:2]
         ph, pw = padding
         grad_x = correlate(grad, kernel[::-1, ::-1, 0, :], (kh - 1 - ph, kw - 1 - pw))
-        grad_kernel = kernel_grad(x, grad, (kh, kw), padding).reshape(kernel.shape)
-        return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
+        grad_kernel = kernel_grad(x, grad, (kh, kw), padding, input_bias=input_bias).reshape(kernel.shape)
+        grad_input_bias = None if input_bias is None else grad_x.sum((0, 1, 2)).astype(input_bias.dtype)
+        grad_bias = None if bias is None else grad.sum((0, 1, 2)).astype(bias.dtype)
+        return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype), grad_input_bias, grad_bias
 
     conv.defvjp(fwd, bwd)
     return conv
 
 
-depthwise_conv_shift_add = _make_depthwise(_shift_add, _shift_add_kernel_grad)
+depthwise_conv_shift_add = _make_depthwise(_shift_add_fused, _shift_add_fused_kernel_grad)
 depthwise_conv_native = _make_depthwise(native_kernels.forward, native_kernels.kernel_grad)
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: tuple[int, int], impl: str = "auto") -> jax.Array:
-    """Depth-wise convolution by the chosen implementation (see the module docstring)."""
+def _xla_fused(x, kernel, input_bias, bias, padding, gelu):
+    y = depthwise_conv_xla(x if input_bias is None else x + input_bias, kernel, padding)
+    y = y if bias is None else y + bias
+    return layers.gelu(y) if gelu else y
+
+
+def depthwise_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    padding: tuple[int, int],
+    impl: str = "auto",
+    *,
+    bias: jax.Array | None = None,
+    input_bias: jax.Array | None = None,
+    gelu: bool = False,
+) -> jax.Array:
+    """GELU(conv(x + input_bias) + bias) (each part optional) by the chosen implementation (see the module
+    docstring): `input_bias` is a preceding 1x1 convolution's bias, added inside the image before the zero padding,
+    and the native kernels do all of it in one pass over the activations."""
     kh, kw = kernel.shape[:2]
     padding = tuple(padding)
     if padding[0] > kh - 1 or padding[1] > kw - 1:
         raise ValueError(f"padding {padding} is larger than the kernel {kh}x{kw} allows")
     impl = resolve_impl(impl, x.dtype)
     if impl == "xla":
-        return depthwise_conv_xla(x, kernel, padding)
+        return _xla_fused(x, kernel, input_bias, bias, padding, gelu)
     if impl == "native":
         if x.dtype != jnp.float32:
             raise ValueError(f"depthwise_impl='native' computes in float32, not {x.dtype}: use 'auto' or 'shift_add'")
-        return depthwise_conv_native(x, kernel, padding)
+        return depthwise_conv_native(x, kernel, input_bias, bias, padding, gelu)
     if impl == "portable":
         return jax.lax.platform_dependent(
             x,
             kernel,
-            cpu=lambda x, k: depthwise_conv_shift_add(x, k, padding),
-            default=lambda x, k: depthwise_conv_xla(x, k, padding),
+            input_bias,
+            bias,
+            cpu=lambda *args: depthwise_conv_shift_add(*args, padding, gelu),
+            default=lambda *args: _xla_fused(*args, padding, gelu),
         )
-    return depthwise_conv_shift_add(x, kernel, padding)
+    return depthwise_conv_shift_add(x, kernel, input_bias, bias, padding, gelu)
 
 
 class DepthwiseConv2d(nnx.Module):
@@ -148,10 +188,14 @@ class DepthwiseConv2d(nnx.Module):
         self.kernel = nnx.Param(conv_kernel_init(rngs.params(), (kh, kw, 1, channels), groups=channels))
         self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, input_bias: jax.Array | None = None, gelu: bool = False) -> jax.Array:
+        """conv(x + input_bias) + bias, then GELU if `gelu`: the block's feed-forward passes fc1's bias and its GELU
+        here, so that the native kernels do bias, convolution and activation in one pass."""
         x = x.astype(self.dtype)
-        y = depthwise_conv(x, self.kernel[...].astype(self.dtype), self.padding, self.impl)
-        return y + self.bias[...].astype(self.dtype)
+        if input_bias is not None:
+            input_bias = input_bias.astype(self.dtype)
+        kernel, bias = self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype)
+        return depthwise_conv(x, kernel, self.padding, self.impl, bias=bias, input_bias=input_bias, gelu=gelu)
 
 
 def set_implementation(model: nnx.Module, impl: str) -> None:

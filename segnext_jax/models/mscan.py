@@ -96,7 +96,9 @@ class Mlp(nnx.Module):
         self.fc2 = Conv2d(hidden, dim, 1, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu(self.dwconv(self.fc1(x))))
+        # fc1's bias and the GELU go into the depth-wise convolution: one pass over the widest activations
+        hidden = self.dwconv(self.fc1(x, add_bias=False), input_bias=self.fc1.bias[...], gelu=True)
+        return self.fc2(hidden)
 
 
 class MSCABlock(nnx.Module):
