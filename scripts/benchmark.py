@@ -1,11 +1,16 @@
 """Side-by-side speed of this project and the PyTorch reference (MMSegmentation 1.2.2), in one process.
 
 Usage: python scripts/benchmark.py [--variants=t,b] [--modes=eval,train] [--eval_batches=1] [--sizes=512x512]
-           [--train_batch=2] [--train_size=512x512] [--iters=5] [--warmup=1] [--threads=2] [--dtype=float32]
+           [--train_batch=2] [--train_size=512x512] [--iters=5] [--warmup=1] [--settle=1] [--threads=2]
+           [--dtype=float32]
            [--output_dir=benchmarks] [--name=]
 
 For every configuration both sides are built, warmed up, then timed ALTERNATELY (ours, reference, ours, ...) so that
-both see the same background load; the medians are reported. Measured:
+both see the same background load; the medians are reported. Each turn of a side starts with `--settle` untimed calls
+(default 1), so that a timed call follows a call of the same program, as steps do in a training loop: the first call
+after the other side's is slower for both (on the 2-core VM ours B training step 9-10 s instead of 5.3-6 s, the
+reference's 9-11 s instead of 7-9 s), as memory the other side has just freed is faulted in again. Its time is
+reported as "after switch". Measured:
 - eval: the forward pass of the segmentor in evaluation mode (logits at stride 8; ours jitted, the reference under
   torch.no_grad);
 - train: one full training step: forward in training mode (drop path, dropout, 6 NMF steps), cross-entropy on the
@@ -79,6 +84,7 @@ class Side:
     """Measurements of one implementation on one configuration."""
 
     latency_s: list[float] = field(default_factory=list)
+    after_switch_s: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
     peak_bytes: int = 0
     compile_s: float | None = None
@@ -90,6 +96,7 @@ class Side:
             "latency_ms": 1e3 * median,
             "latency_ms_min": 1e3 * min(self.latency_s),
             "latency_ms_all": [1e3 * t for t in self.latency_s],
+            "after_switch_ms": 1e3 * statistics.median(self.after_switch_s) if self.after_switch_s else None,
             "images_per_s": batch / median,
             "cpu_s_per_call": statistics.median(self.cpu_s),
             "peak_mib": self.peak_bytes / MIB,
@@ -271,7 +278,8 @@ def peak_memory(call: Callable[[], int | None]) -> int:
 
 
 def run_config(config: Config, args: argparse.Namespace) -> dict:
-    """Builds both sides, warms them up, times them alternately `args.iters` times, then measures their memory."""
+    """Builds both sides, warms them up, times them alternately `args.iters` times (each turn after `args.settle`
+    untimed calls), then measures their memory."""
     load_before = os.getloadavg()[0]
     ours, reference = Side(), Side()
     calls = {
@@ -284,6 +292,10 @@ def run_config(config: Config, args: argparse.Namespace) -> dict:
             call()
     for _ in range(args.iters):
         for side, call in calls.values():
+            for settle in range(args.settle):
+                wall = timed(call)[0]
+                if settle == 0:
+                    side.after_switch_s.append(wall)
             wall, cpu = timed(call)
             side.latency_s.append(wall)
             side.cpu_s.append(cpu)
@@ -370,21 +382,27 @@ def markdown(report: dict) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- settings: dtype {s['dtype']}, depthwise_impl {s['depthwise_impl']} ({s['depthwise_impl_resolved']}), "
         f"threads {s['threads']}, "
-        f"{s['iters']} timed calls per side after {s['warmup']} warm-up, alternating ours/reference; "
+        f"{s['iters']} timed calls per side after {s['warmup']} warm-up, alternating ours/reference, "
+        f"{s.get('settle', 0)} untimed call(s) at the start of each turn; "
         f"{NUM_CLASSES} classes",
         f"- load average (1 min) at start: {report['load_avg_start']:.2f}, end: {report['load_avg_end']:.2f}",
         "",
-        "| model | mode | batch | input | ours ms (min) | ref ms (min) | speed-up (ref/ours) | ours img/s | ref img/s "
-        "| ours compile s | ref first call s | ours peak MiB | ref peak MiB | ours CPU s | ref CPU s | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | batch | input | ours ms (min) | ref ms (min) | speed-up (ref/ours) "
+        "| ours / ref ms after switch | ours img/s | ref img/s | ours compile s | ref first call s | ours peak MiB "
+        "| ref peak MiB | ours CPU s | ref CPU s | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def after_switch(numbers: dict) -> str:
+        return "-" if numbers.get("after_switch_ms") is None else f"{numbers['after_switch_ms']:.0f}"
+
     for r in report["results"]:
         o, ref = r["ours"], r["reference"]
         lines.append(
             f"| {r['variant'].upper()} | {r['mode']} | {r['batch']} | {r['height']}x{r['width']} "
             f"| {o['latency_ms']:.1f} ({o['latency_ms_min']:.1f}) "
             f"| {ref['latency_ms']:.1f} ({ref['latency_ms_min']:.1f}) "
-            f"| {r['speedup']:.2f}x "
+            f"| {r['speedup']:.2f}x | {after_switch(o)} / {after_switch(ref)} "
             f"| {o['images_per_s']:.2f} | {ref['images_per_s']:.2f} | {o['compile_s']:.1f} "
             f"| {ref['first_call_s']:.2f} | {o['peak_mib']:.0f} | {ref['peak_mib']:.0f} "
             f"| {o['cpu_s_per_call']:.2f} | {ref['cpu_s_per_call']:.2f} "
@@ -392,7 +410,8 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "Latency: median (and minimum) wall time of one call; speed-up from the medians. CPU s: median process CPU "
+        "Latency: median (and minimum) wall time of one call; speed-up from the medians; after switch: median of the "
+        "untimed first call of each turn, right after the other side's. CPU s: median process CPU "
         "seconds per call (all threads, spin-waiting included). Peak MiB: "
         + (
             "growth of the process's peak resident memory during one call (activations and temporaries)."
@@ -424,14 +443,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train_size", type=parse_size, default=(512, 512))
     parser.add_argument("--iters", type=int, default=20 if accelerator else 5, help="timed calls per side")
     parser.add_argument("--warmup", type=int, default=3 if accelerator else 1, help="untimed calls per side (>= 1)")
+    parser.add_argument("--settle", type=int, default=1, help="untimed calls at the start of each turn (>= 0)")
     parser.add_argument("--threads", type=int, default=None, help="CPUs for both sides (default: leave as is)")
     parser.add_argument("--dtype", default="bfloat16" if accelerator else "float32", choices=sorted(models.DTYPES))
     parser.add_argument("--depthwise_impl", default="auto", choices=["auto", "xla", "native", "shift_add", "portable"])
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks"))
     parser.add_argument("--name", default="", help="suffix of the output file names")
     args = parser.parse_args(argv)
-    if args.warmup < 1 or args.iters < 1:
-        parser.error("--warmup and --iters must be >= 1")
+    if args.warmup < 1 or args.iters < 1 or args.settle < 0:
+        parser.error("--warmup and --iters must be >= 1, --settle >= 0")
     return args
 
 

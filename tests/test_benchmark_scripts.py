@@ -57,6 +57,7 @@ def test_benchmark_writes_markdown_and_json(tiny_variant, tmp_path):
         for side in ("ours", "reference"):
             numbers = r[side]
             assert len(numbers["latency_ms_all"]) == 2
+            assert numbers["after_switch_ms"] > 0  # the untimed settling call of each turn
             assert numbers["latency_ms"] > 0 and numbers["cpu_s_per_call"] > 0 and numbers["first_call_s"] > 0
             assert numbers["images_per_s"] == pytest.approx(r["batch"] * 1e3 / numbers["latency_ms"])
             assert numbers["peak_mib"] >= 0
@@ -65,7 +66,7 @@ def test_benchmark_writes_markdown_and_json(tiny_variant, tmp_path):
 
     table = (tmp_path / written[1]).read_text()
     rows = [line for line in table.splitlines() if line.startswith("| TINY |")]
-    assert len(rows) == 1 and len(rows[0].split("|")) == 18
+    assert len(rows) == 1 and len(rows[0].split("|")) == 19
     assert report["machine"]["cpu"] in table
     assert "depthwise_impl xla (xla)" in table
 
