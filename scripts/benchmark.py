@@ -10,7 +10,10 @@ both see the same background load; the medians are reported. Each turn of a side
 (default 1), so that a timed call follows a call of the same program, as steps do in a training loop: the first call
 after the other side's is slower for both (on the 2-core VM ours B training step 9-10 s instead of 5.3-6 s, the
 reference's 9-11 s instead of 7-9 s), as memory the other side has just freed is faulted in again. Its time is
-reported as "after switch". Measured:
+reported as "after switch".
+
+Run as a script, it restarts itself with huge pages for glibc's malloc (segnext_jax.malloc), as
+`python -m segnext_jax.main` does, for both sides; SEGNEXT_JAX_HUGE_PAGES=0 measures without. Measured:
 - eval: the forward pass of the segmentor in evaluation mode (logits at stride 8; ours jitted, the reference under
   torch.no_grad);
 - train: one full training step: forward in training mode (drop path, dropout, 6 NMF steps), cross-entropy on the
@@ -64,7 +67,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from segnext_jax import models
+from segnext_jax import malloc, models
 from segnext_jax.models import depthwise
 from segnext_jax.training.loss import segmentation_loss
 from segnext_jax.training.optimizer import SEGNEXT_CUSTOM_KEYS, make_optimizer
@@ -384,6 +387,7 @@ def markdown(report: dict) -> str:
         f"threads {s['threads']}, "
         f"{s['iters']} timed calls per side after {s['warmup']} warm-up, alternating ours/reference, "
         f"{s.get('settle', 0)} untimed call(s) at the start of each turn; "
+        f"malloc huge pages {'on' if s.get('malloc_huge_pages') else 'off'}; "
         f"{NUM_CLASSES} classes",
         f"- load average (1 min) at start: {report['load_avg_start']:.2f}, end: {report['load_avg_end']:.2f}",
         "",
@@ -487,6 +491,7 @@ def main(argv: list[str] | None = None) -> dict:
             **{k: v for k, v in vars(args).items() if k != "output_dir"},
             # what 'auto' stood for here: 'shift_add' where the native kernels did not build
             "depthwise_impl_resolved": depthwise.resolve_impl(args.depthwise_impl, jnp.dtype(args.dtype)),
+            "malloc_huge_pages": malloc.huge_pages_enabled(),
         },
         "load_avg_start": os.getloadavg()[0],
         "results": [],
@@ -509,4 +514,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    malloc.restart_with_huge_pages()  # both sides run with huge pages for malloc, as `python -m segnext_jax.main` does
     main()

@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from segnext_jax import checkpoints, sharding
+from segnext_jax import checkpoints, malloc, sharding
 from segnext_jax.evaluation import evaluate
 from segnext_jax.kernels import build
 from segnext_jax.training import train
@@ -129,4 +129,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    malloc.restart_with_huge_pages()
     app.run(main, flags_parser=parse_flags)
