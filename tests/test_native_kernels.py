@@ -30,6 +30,10 @@ CASES = [
     ((1, 6, 9, 160), (3, 3), (1, 1)),
     ((2, 6, 7, 16), (3, 5), (0, 1)),
     ((1, 3, 4, 8), (11, 11), (5, 5)),
+    # more channels than one register block (64 with AVX-512): tiles of 4 pixels in the interior, with 2- and
+    # 1-vector channel blocks and the scalar tail
+    ((2, 9, 14, 83), (3, 5), (1, 2)),
+    ((1, 5, 19, 83), (1, 7), (0, 3)),
 ]
 
 

@@ -32,7 +32,9 @@
 namespace segnext {
 namespace {
 
-constexpr int kBlock = 4;  // vectors of channels accumulated together
+constexpr int kBlock = 4;        // vectors of channels accumulated together for one pixel
+constexpr int kTile = 4;         // neighbouring output pixels accumulated together
+constexpr int kTileVectors = 2;  // vectors of channels per pixel of a tile
 
 struct Shape {
   int64_t n, h, w, c;     // input
@@ -99,20 +101,75 @@ inline void ForwardScalars(const Shape& s, const Forward& f, float* out, int64_t
   }
 }
 
-// Pixel by pixel, all channels of a pixel before the next (reads the input and taps contiguously: faster than
-// channel blocks outermost once C is in the hundreds).
+// kTile neighbouring output pixels (b, oy, ox + p), channels [c0, c0 + V * kLanes), all of whose taps fall inside
+// the row: each tap's vectors are loaded once for the kTile pixels (1.25 loads per multiply-add instead of 2).
+template <int V, bool kInputBias, bool kGelu>
+inline void ForwardTile(const Shape& s, const Forward& f, float* out, int64_t b, int64_t oy, int64_t ox, int64_t c0) {
+  Vec acc[kTile][V], input_bias[V];
+  for (int v = 0; v < V; ++v) {
+    const Vec bias = Load(f.bias + c0 + v * kLanes);
+    for (int p = 0; p < kTile; ++p) acc[p][v] = bias;
+    if (kInputBias) input_bias[v] = Load(f.input_bias + c0 + v * kLanes);
+  }
+  for (int64_t i = s.I0(oy); i < s.I1(oy); ++i) {
+    const float* in = s.InputAt(f.x, b, oy + i - s.ph, ox - s.pw) + c0;
+    const float* tap = f.taps + i * s.kw * s.c + c0;
+    for (int64_t j = 0; j < s.kw; ++j, in += s.c, tap += s.c) {
+      Vec t[V];
+      for (int v = 0; v < V; ++v) t[v] = Load(tap + v * kLanes);
+      for (int p = 0; p < kTile; ++p) {
+        for (int v = 0; v < V; ++v) {
+          Vec u = Load(in + p * s.c + v * kLanes);
+          if (kInputBias) u += input_bias[v];
+          acc[p][v] += u * t[v];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < kTile; ++p) {
+    for (int v = 0; v < V; ++v) Store(out + p * s.c + c0 + v * kLanes, kGelu ? Gelu(acc[p][v]) : acc[p][v]);
+  }
+}
+
+// One output pixel, all channels.
+template <bool kInputBias, bool kGelu>
+inline void ForwardPixel(const Shape& s, const Forward& f, float* out, int64_t b, int64_t oy, int64_t ox) {
+  int64_t c0 = 0;
+  for (; c0 + kBlock * kLanes <= s.c; c0 += kBlock * kLanes) {
+    ForwardVectors<kBlock, kInputBias, kGelu>(s, f, out, b, oy, ox, c0);
+  }
+  for (; c0 + kLanes <= s.c; c0 += kLanes) ForwardVectors<1, kInputBias, kGelu>(s, f, out, b, oy, ox, c0);
+  if (c0 < s.c) ForwardScalars<kInputBias, kGelu>(s, f, out, b, oy, ox, c0);
+}
+
+// Along each output row, tiles of kTile pixels where all taps fall inside the row (for more than kBlock vectors of
+// channels: 1.2-1.7x faster at 320 and 1280 channels, 0.8x at 64 on AVX-512), pixel by pixel at the borders;
+// all channels of a tile or pixel before the next (reads the input and taps contiguously: faster than channel blocks
+// outermost once C is in the hundreds).
 template <bool kInputBias, bool kGelu>
 void ForwardRows(const Shape& s, const Forward& f, int64_t row0, int64_t row1) {
+  // where a pixel's channels fit in one register block, one pixel at a time reads the taps as well
+  const bool tiles = s.c > kBlock * kLanes;
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t b = row / s.oh, oy = row % s.oh;
     float* out = f.y + row * s.ow * s.c;
-    for (int64_t ox = 0; ox < s.ow; ++ox, out += s.c) {
-      int64_t c0 = 0;
-      for (; c0 + kBlock * kLanes <= s.c; c0 += kBlock * kLanes) {
-        ForwardVectors<kBlock, kInputBias, kGelu>(s, f, out, b, oy, ox, c0);
+    for (int64_t ox = 0; ox < s.ow;) {
+      if (tiles && ox >= s.pw && ox + kTile - 1 <= s.w + s.pw - s.kw && ox + kTile <= s.ow) {
+        int64_t c0 = 0;
+        for (; c0 + kTileVectors * kLanes <= s.c; c0 += kTileVectors * kLanes) {
+          ForwardTile<kTileVectors, kInputBias, kGelu>(s, f, out, b, oy, ox, c0);
+        }
+        for (; c0 + kLanes <= s.c; c0 += kLanes) ForwardTile<1, kInputBias, kGelu>(s, f, out, b, oy, ox, c0);
+        for (int p = 0; c0 < s.c && p < kTile; ++p) {
+          ForwardScalars<kInputBias, kGelu>(s, f, out + p * s.c, b, oy, ox + p, c0);
+        }
+        ox += kTile;
+        out += kTile * s.c;
+      } else {
+        ForwardPixel<kInputBias, kGelu>(s, f, out, b, oy, ox);
+        ox += 1;
+        out += s.c;
       }
-      for (; c0 + kLanes <= s.c; c0 += kLanes) ForwardVectors<1, kInputBias, kGelu>(s, f, out, b, oy, ox, c0);
-      if (c0 < s.c) ForwardScalars<kInputBias, kGelu>(s, f, out, b, oy, ox, c0);
     }
   }
 }
