@@ -4,7 +4,8 @@ XLA:CPU maps a program's temporaries afresh on every call: with 4 kB pages a Seg
 512 x 512) takes about a million page faults, 30-40% of its time on a 2-core VM. glibc >= 2.35 backs malloc's
 memory with transparent huge pages when GLIBC_TUNABLES holds glibc.malloc.hugetlb=1 (30x fewer faults), but reads
 that only when a process starts, so `python -m segnext_jax.main` and scripts/benchmark.py restart themselves once
-with it set. SEGNEXT_JAX_HUGE_PAGES=0, or any glibc.malloc.hugetlb value of your own, leaves the environment as is;
+with it set. SEGNEXT_JAX_HUGE_PAGES=0 (exactly 0), or any glibc.malloc.hugetlb value of your own, leaves the
+environment as is;
 elsewhere than Linux nothing changes, and an older glibc ignores the setting.
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "SEGNEXT_JAX_HUGE_PAGES"
+RESTARTED = "SEGNEXT_JAX_HUGE_PAGES_RESTARTED"  # set in the restarted process: never restart twice
 
 
 def _tunable_names(tunables: str) -> list[str]:
@@ -24,11 +26,15 @@ def _tunable_names(tunables: str) -> list[str]:
 
 def environment_with_huge_pages(environ: Mapping[str, str], platform: str = sys.platform) -> dict[str, str] | None:
     """`environ` with glibc.malloc.hugetlb=1 added to GLIBC_TUNABLES, or None where it is to stay as it is (not
-    Linux, SEGNEXT_JAX_HUGE_PAGES=0, or glibc.malloc.hugetlb set already, to any value)."""
+    Linux, SEGNEXT_JAX_HUGE_PAGES=0, glibc.malloc.hugetlb set already, to any value, or restarted once already: a
+    setuid process's glibc drops GLIBC_TUNABLES, and the marker keeps that from restarting forever)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if platform != "linux" or environ.get(OPT_OUT) == "0" or TUNABLE in _tunable_names(tunables):
+    if platform != "linux" or environ.get(OPT_OUT) == "0" or RESTARTED in environ:
         return None
-    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"}
+    if TUNABLE in _tunable_names(tunables):
+        return None
+    tunables = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+    return {**environ, "GLIBC_TUNABLES": tunables, RESTARTED: "1"}
 
 
 def huge_pages_enabled(environ: Mapping[str, str] = os.environ) -> bool:

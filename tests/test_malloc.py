@@ -14,9 +14,10 @@ def test_environment_adds_the_tunable_and_keeps_the_rest():
     assert malloc.environment_with_huge_pages({"A": "1"}, "linux") == {
         "A": "1",
         "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+        malloc.RESTARTED: "1",
     }
     with_other = malloc.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "linux")
-    assert with_other == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    assert with_other == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", malloc.RESTARTED: "1"}
     assert malloc.huge_pages_enabled(with_other)
 
 
@@ -26,6 +27,7 @@ def test_environment_adds_the_tunable_and_keeps_the_rest():
         ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "linux"),  # the user's own choice, even "off"
         ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2"}, "linux"),
         ({"SEGNEXT_JAX_HUGE_PAGES": "0"}, "linux"),
+        ({"SEGNEXT_JAX_HUGE_PAGES_RESTARTED": "1"}, "linux"),  # restarted, even if glibc dropped GLIBC_TUNABLES
         ({}, "darwin"),
     ],
 )
@@ -62,7 +64,7 @@ def _transparent_huge_pages_mode() -> str:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables are Linux's")
 def test_a_restarted_process_keeps_its_arguments_and_gets_huge_pages():
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", malloc.OPT_OUT)}
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", malloc.OPT_OUT, malloc.RESTARTED)}
 
     def run(*arguments, **extra_env):
         result = subprocess.run(

@@ -78,6 +78,10 @@ def test_native_and_shift_add_equal_xla_value_and_gradients(shape, kernel_size, 
         for name, value, reference in zip(names, ours, expected):
             assert value.shape == reference.shape
             assert relative_error(value, reference) <= 2e-6, (impl, name)
+    if fused:  # the forward alone (inference) runs the GELU inside the kernel; under jax.vjp it is XLA's, on z
+        fused_options = dict(bias=bias, input_bias=input_bias, gelu=True)
+        forward = jax.jit(lambda x: depthwise.depthwise_conv(x, kernel, padding, "native", **fused_options))
+        assert relative_error(forward(x), expected[0]) <= 2e-6
 
 
 def test_fused_gelu_is_exact_gelu_to_float32_rounding():

@@ -113,8 +113,8 @@ def forward(
     KERNELS.require()
     zeros = jnp.zeros(x.shape[-1:], x.dtype)
     use_input_bias = input_bias is not None
-    input_bias = zeros if input_bias is None else input_bias
-    bias = zeros if bias is None else bias
+    input_bias = zeros if input_bias is None else input_bias.astype(x.dtype)
+    bias = zeros if bias is None else bias.astype(x.dtype)
     return _forward(x, taps, input_bias, bias, *padding, use_input_bias, gelu)
 
 
@@ -130,5 +130,5 @@ def kernel_grad(
     for output gradient `grad`."""
     KERNELS.require()
     use_input_bias = input_bias is not None
-    input_bias = jnp.zeros(x.shape[-1:], x.dtype) if input_bias is None else input_bias
+    input_bias = jnp.zeros(x.shape[-1:], x.dtype) if input_bias is None else input_bias.astype(x.dtype)
     return _kernel_grad(x, input_bias, grad, *kernel_size, *padding, use_input_bias)
