@@ -78,11 +78,16 @@ def _shift_add_kernel_grad(x: jax.Array, grad: jax.Array, kernel_size: tuple[int
     return jnp.stack(taps).reshape(*kernel_size, -1)
 
 
-def _shift_add_fused(x, taps, pad, *, bias=None, input_bias=None, gelu=False):
-    """`_shift_add` of `x + input_bias` (zero padded after the bias, as in the kernels), plus `bias`, then GELU."""
-    y = _shift_add(x if input_bias is None else x + input_bias, taps, pad)
+def _biased(convolve, x, input_bias, bias, gelu):
+    """GELU(convolve(x + input_bias) + bias), each part optional: the fused operation composed in plain JAX, the
+    input bias added before the convolution pads, as in the kernels."""
+    y = convolve(x if input_bias is None else x + input_bias)
     y = y if bias is None else y + bias
     return layers.gelu(y) if gelu else y
+
+
+def _shift_add_fused(x, taps, pad, *, bias=None, input_bias=None, gelu=False):
+    return _biased(lambda u: _shift_add(u, taps, pad), x, input_bias, bias, gelu)
 
 
 def _shift_add_fused_kernel_grad(x, grad, kernel_size, pad, *, input_bias=None):
@@ -125,9 +130,7 @@ depthwise_conv_native = _make_depthwise(native_kernels.forward, native_kernels.k
 
 
 def _xla_fused(x, kernel, input_bias, bias, padding, gelu):
-    y = depthwise_conv_xla(x if input_bias is None else x + input_bias, kernel, padding)
-    y = y if bias is None else y + bias
-    return layers.gelu(y) if gelu else y
+    return _biased(lambda u: depthwise_conv_xla(u, kernel, padding), x, input_bias, bias, gelu)
 
 
 def depthwise_conv(
