@@ -7,12 +7,15 @@ Attribute names and list indices mirror the reference's module tree, so the stat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from segnext_jax.models.depthwise import DepthwiseConv2d
+from segnext_jax.kernels import fusion_barrier
+from segnext_jax.models.depthwise import DepthwiseConv2d, resolve_impl
 from segnext_jax.models.layers import GELU, BatchNorm2d, Conv2d, DropPath, DType, LayerNorm, gelu
 
 
@@ -102,7 +105,11 @@ class Mlp(nnx.Module):
 
 
 class MSCABlock(nnx.Module):
-    """One MSCAN block: x + drop_path(ls1 * attn(bn(x))), then x + drop_path(ls2 * mlp(bn(x)))."""
+    """One MSCAN block: x + drop_path(ls1 * attn(bn(x))), then x + drop_path(ls2 * mlp(bn(x))).
+
+    Where the native CPU kernels run the block, the residual stream's gradient passes a fusion barrier at both
+    additions (segnext_jax.kernels.fusion_barrier): XLA:CPU would otherwise recompute it from every later block.
+    """
 
     def __init__(
         self, dim: int, mlp_ratio: float, drop_path: float, *, depthwise_impl: str, dtype: DType, rngs: nnx.Rngs
@@ -123,9 +130,18 @@ class MSCABlock(nnx.Module):
             rngs_attn, rngs_mlp = jax.random.split(rngs)
         ls1 = self.layer_scale_1[...].astype(self.dtype)
         ls2 = self.layer_scale_2[...].astype(self.dtype)
+        barrier = self._gradient_barrier()
+        x = barrier(x)
         x = x + self.drop_path(ls1 * self.attn(self.norm1(x)), rngs=rngs_attn)
+        x = barrier(x)
         x = x + self.drop_path(ls2 * self.mlp(self.norm2(x)), rngs=rngs_mlp)
         return x
+
+    def _gradient_barrier(self) -> Callable[[jax.Array], jax.Array]:
+        """`fusion_barrier.gradient_barrier` where the block's depth-wise convolutions run natively, else the
+        identity (XLA's own fusion on GPU and TPU, and no C++ call in a `portable` program)."""
+        native = resolve_impl(self.mlp.dwconv.impl, self.dtype) == "native" and fusion_barrier.available()
+        return fusion_barrier.gradient_barrier if native else lambda x: x
 
 
 # On CPU, stages of at most this many blocks (all of T, S and B) run block after block and deeper ones (L's 27) as a
