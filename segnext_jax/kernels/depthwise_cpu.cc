@@ -97,7 +97,7 @@ inline void ForwardScalars(const Shape& s, const Forward& f, float* out, int64_t
         acc += u * f.taps[(i * s.kw + j) * s.c + ch];
       }
     }
-    out[ch] = kGelu ? 0.5f * acc * std::erfc(acc * -0.70710678118654752f) : acc;
+    out[ch] = kGelu ? 0.5f * acc * (1.0f + std::erf(acc * 0.70710678118654752f)) : acc;
   }
 }
 
