@@ -9,6 +9,13 @@ writes WORKDIR/eval/step_<N>.json. Run the same command on every host of a multi
 (SLURM, Open MPI, Cloud TPU) joins the processes, or pass --coordinator_address, --num_processes and --process_id.
 """
 
+# Restarted with huge pages for malloc (segnext_jax.malloc) before the imports below, which take 5-8 s and which
+# the restarted process would otherwise pay for twice.
+if __name__ == "__main__":
+    from segnext_jax import malloc
+
+    malloc.restart_with_huge_pages()
+
 import logging as std_logging
 import os
 import sys
@@ -20,7 +27,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from segnext_jax import checkpoints, malloc, sharding
+from segnext_jax import checkpoints, sharding
 from segnext_jax.evaluation import evaluate
 from segnext_jax.kernels import build
 from segnext_jax.training import train
@@ -129,5 +136,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    malloc.restart_with_huge_pages()
     app.run(main, flags_parser=parse_flags)

@@ -92,3 +92,29 @@ def test_a_restarted_process_keeps_its_arguments_and_gets_huge_pages():
     assert tunables == "None" and arguments == "[]"
     if mode == "madvise":
         assert int(huge_kib) == 0
+
+
+@pytest.mark.parametrize(
+    "command,heavy,usage",
+    [
+        (["-m", "segnext_jax.main", "--help"], "jax", "Command line: train or evaluate SegNeXt"),  # absl exits 1
+        (
+            [os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "benchmark.py"), "--help"],
+            "torch",
+            "usage:",
+        ),
+    ],
+)
+def test_entry_points_restart_before_their_heavy_imports(command, heavy, usage):
+    # -X importtime logs every import of both processes (the restarted one keeps the option): `heavy` once only,
+    # after the restart, which thus costs the interpreter's start and not the 5-8 s of imports again
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", malloc.OPT_OUT, malloc.RESTARTED)}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *command], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert usage in result.stdout + result.stderr, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    imports = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")]
+    assert imports.count(heavy) == 1
+    restarts = imports.count("segnext_jax.malloc")
+    assert restarts == (2 if sys.platform == "linux" else 1)  # imported before and after the restart
