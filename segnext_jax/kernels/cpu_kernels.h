@@ -77,9 +77,9 @@ inline Vec Gelu(Vec z) {
   q = q * u2 - 7.37332916720468e-03f;
   q = q * u2 - 1.42647390514189e-02f;
   Vec erf = u * p / q;
-  erf = erf < -1.0f ? Splat(-1.0f) : erf;  // the fit overshoots -1 slightly: GELU(z < 0) keeps its sign
+  erf = erf < -1.0f ? Splat(-1.0f) : erf;  // the fit overshoots +-1 slightly; -1 matters: GELU(z < 0) <= 0
   const Vec half = 0.5f * z;
-  return half + half * erf;
+  return half + half * erf;  // +0 where PyTorch gives -0 (z <= -5.66 and z = -0)
 }
 
 // Runs body(chunk) -> ok for chunks 0..chunks-1 on the calling thread and on the pool's threads; the thread finishing

@@ -2,6 +2,7 @@
 
 XLA cannot split an FFI call by itself and would gather the whole batch onto every device (the trainer shards the
 batch over the `data` mesh axis), so each kernel's call is wrapped in `custom_partitioning` with these rules.
+(`custom_partitioning` has no batching rule: the native kernels do not run under `jax.vmap`.)
 """
 
 from __future__ import annotations
