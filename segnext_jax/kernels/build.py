@@ -1,11 +1,13 @@
 """Compiles a C++ source of this folder into a shared library on first use, cached per machine.
 
 The library goes to `$SEGNEXT_JAX_CACHE` (default `$XDG_CACHE_HOME/segnext_jax`, i.e. `~/.cache/segnext_jax`) under
-a name derived from the source, the compiler, jaxlib's FFI headers and the CPU, so an edit, another compiler or
-another machine sharing the home directory gets its own build. The compiler is `$CXX`, else the first of `c++`,
-`g++`, `clang++` on the PATH; the flags are `-O3 -march=native` (retried without `-march=native` where the compiler
-rejects it). Concurrent first uses (several test workers, several processes of a run) wait on a file lock, and the
-library appears atomically, so a process never loads a half-written file.
+a name derived from the source, the compiler and its flags, jaxlib's FFI headers and the CPU, so an edit, another
+compiler or another machine sharing the home directory gets its own build. The compiler is `$CXX`, else the first
+of `c++`, `g++`, `clang++` on the PATH; the flags are `-O3 -march=native` (retried without `-march=native` where the
+compiler rejects it), or `-O3` and `$SEGNEXT_JAX_KERNEL_FLAGS` where that is set (for example `-march=x86-64-v3` to
+build for every AVX2 machine, or empty for the compiler's baseline). Concurrent first uses (several test workers,
+several processes of a run) wait on a file lock, and the library appears atomically, so a process never loads a
+half-written file.
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ def find_compiler() -> list[str]:
     raise BuildError("no C++ compiler found: install g++ or clang++, or set CXX")
 
 
+def arch_flags() -> tuple[tuple[str, ...], ...]:
+    """The target flags to try in turn: $SEGNEXT_JAX_KERNEL_FLAGS alone where set, else -march=native, then none."""
+    if "SEGNEXT_JAX_KERNEL_FLAGS" in os.environ:
+        return (tuple(shlex.split(os.environ["SEGNEXT_JAX_KERNEL_FLAGS"])),)
+    return ARCH_FLAGS
+
+
 def _cpu_identity() -> str:
     """The CPU model and feature flags (what -march=native compiles for)."""
     try:
@@ -91,7 +100,7 @@ def _locked(path: Path) -> Iterator[None]:
 def _compile(compiler: list[str], source: Path, output: Path) -> None:
     include = jax.ffi.include_dir()
     errors = []
-    for arch in ARCH_FLAGS:
+    for arch in arch_flags():
         command = [*compiler, *BASE_FLAGS, *arch, f"-I{include}", str(source), "-o", str(output)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode == 0:
@@ -109,7 +118,7 @@ def build(name: str) -> Path:
     for part in (
         source.read_bytes(),
         *(header.read_bytes() for header in sorted(SOURCE_DIR.glob("*.h"))),
-        " ".join(compiler + list(BASE_FLAGS)).encode(),
+        repr((compiler, BASE_FLAGS, arch_flags())).encode(),
         _compiler_version(compiler).encode(),
         *(header.read_bytes() for header in sorted(include.glob("xla/ffi/api/*.h"))),
         platform.machine().encode(),
