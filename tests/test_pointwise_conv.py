@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from segnext_jax.models import layers
+from segnext_jax.models import layers, mscan
 
 
 def two_products_loss(product):
@@ -43,27 +43,31 @@ def test_gradients_equal_those_of_a_plain_matrix_product(dtype, rtol):
         np.testing.assert_allclose(np.float32(got), np.float32(expected), rtol=0, atol=rtol * scale)
 
 
-def transposed_pixel_arrays(product) -> list[str]:
-    """The instructions of the compiled gradient that produce a (C, P) array: a transposed copy of P pixels."""
-    args = operands(pixels=(2, 32, 32), channels=(8, 64))
+def pixel_sized_copies(product, dtype=jnp.float32) -> list[str]:
+    """The transposes and copies of P or more elements (a whole activation or gradient) in the compiled gradient."""
+    args = operands(pixels=(2, 32, 32), channels=(8, 64), dtype=dtype)
     pixels = 2 * 32 * 32
     program = jax.jit(jax.grad(two_products_loss(product), argnums=(0, 1, 2))).lower(*args).compile().as_text()
-    return re.findall(rf"^\s*(?:ROOT )?%\S+ = f32\[(?:8|64),{pixels}\]", program, re.M)
+    instructions = re.findall(r"^\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]\S* (?:transpose|copy)\(", program, re.M)
+    return [dims for dims in instructions if np.prod([int(d) for d in dims.split(",") if d]) >= pixels]
 
 
-def test_kernel_gradient_reads_the_activations_in_place():
-    # JAX's own rule makes XLA:CPU copy an output gradient into (C, P) (the reason for the hand-written VJP: if XLA
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_gradient_reads_the_activations_in_place(dtype):
+    # JAX's own rule makes XLA:CPU copy an output gradient transposed (the reason for the hand-written VJP: if XLA
     # stops doing this, the first assertion fails and the VJP can go)
-    assert transposed_pixel_arrays(jnp.dot)
-    assert transposed_pixel_arrays(layers.pointwise_conv) == []
+    assert pixel_sized_copies(jnp.dot, dtype)
+    assert pixel_sized_copies(layers.pointwise_conv, dtype) == []
 
 
 def test_model_1x1_convolutions_use_it(monkeypatch):
     calls = []
     monkeypatch.setattr(layers, "pointwise_conv", lambda x, kernel: calls.append(kernel.shape) or jnp.dot(x, kernel))
-    pointwise = layers.Conv2d(8, 16, 1, rngs=nnx.Rngs(0))
-    strided = layers.Conv2d(8, 16, 3, stride=2, padding=1, rngs=nnx.Rngs(0))
-    x = jnp.ones((1, 8, 8, 8))
-    pointwise(x)
-    strided(x)
-    assert calls == [(8, 16)]
+    block = mscan.MSCABlock(8, 4, 0.0, depthwise_impl="xla", dtype=jnp.float32, rngs=nnx.Rngs(0))
+    block(jnp.ones((1, 8, 8, 8)))
+    # attention: proj_1, the gating unit's conv3, proj_2; feed-forward: fc1, fc2
+    assert sorted(calls) == sorted([(8, 8)] * 3 + [(8, 32), (32, 8)])
+    calls.clear()
+    layers.Conv2d(8, 16, 3, stride=2, padding=1, rngs=nnx.Rngs(0))(jnp.ones((1, 8, 8, 8)))
+    layers.Conv2d(8, 16, 1, stride=2, rngs=nnx.Rngs(0))(jnp.ones((1, 8, 8, 8)))
+    assert calls == []

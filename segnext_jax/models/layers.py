@@ -39,12 +39,13 @@ def conv_kernel_init(key: jax.Array, shape: tuple[int, ...], groups: int = 1, st
 
 @jax.custom_vjp
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A 1x1 convolution as a matrix product: `x` (..., Cin) times `kernel` (Cin, Cout).
+    """A 1x1 convolution as a matrix product: `x` (..., Cin) times `kernel` (Cin, Cout), of one dtype.
 
     The kernel's gradient is written as one product of 2-D views, (P, Cin)^T (P, Cout) over the P pixels, which XLA
     contracts where the operands lie. JAX's own rule contracts the 4-D arrays into (Cout, Cin) and transposes the
-    result; XLA:CPU turns that into a transposed copy of the whole output gradient and a product that Eigen runs at a
-    few GFLOPS (T's training step on a 2-core Zen 1: 8.4 s, 2.5 s with this rule; benchmarks/README.md)."""
+    result; XLA:CPU turns that into a transposed copy of the whole output gradient and a product that Eigen ran at
+    7-30 GFLOPS on a 2-core Zen 1 (its training steps 2-4x slower: benchmarks/README.md).
+    """
     return jnp.dot(x, kernel)
 
 
@@ -54,9 +55,10 @@ def _pointwise_conv_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tup
 
 def _pointwise_conv_bwd(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, kernel = residuals
-    pixels = x.reshape(-1, x.shape[-1])
-    kernel_grad = jax.lax.dot_general(pixels, grad.reshape(-1, grad.shape[-1]), (((0,), (0,)), ((), ())))
-    return jnp.dot(grad, kernel.T), kernel_grad
+    x_pixels = x.reshape(-1, x.shape[-1])
+    grad_pixels = grad.reshape(-1, grad.shape[-1])
+    kernel_grad = jax.lax.dot_general(x_pixels, grad_pixels, (((0,), (0,)), ((), ())))
+    return jnp.dot(grad, kernel.T).astype(x.dtype), kernel_grad.astype(kernel.dtype)
 
 
 pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
