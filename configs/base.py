@@ -73,6 +73,8 @@ def make_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (parameters stay float32)
     config.model.depthwise_impl = "auto"  # 'auto' | 'xla' | 'shift_add' (segnext_jax.models.depthwise)
     config.model.nmf_one_step_grad = False  # True: gradient through the last NMF step only (the paper's option)
+    config.model.nmf_bases = "random"  # 'random': fresh NMF bases per image and call (the reference) | 'fixed': stored
+    config.model.nmf_seed = config_dict.placeholder(int)  # 'fixed': seed of the stored bases (None: the init key)
 
     config.init = ml_collections.ConfigDict()
     # '' (random init) or a converted orbax checkpoint directory (python -m weights_conversion IN.pth OUT_DIR),
@@ -91,6 +93,7 @@ def make_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     config.data.test_scale = recipe.scale  # keep-ratio resize bound (long, short) of evaluation images
     config.data.num_workers = 4  # data loading processes per host; 0 loads in the training process
     config.data.bad_example = "skip"  # unreadable / inconsistent example: 'skip' it (logged, counted) | 'stop' the run
+    config.data.max_image_pixels = 89_478_485  # larger images / labels (width x height) are bad examples; PIL's limit
 
     config.train = ml_collections.ConfigDict()
     config.train.global_batch_size = recipe.global_batch_size  # images per optimiser step, over all devices and hosts
@@ -101,6 +104,11 @@ def make_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 2_000  # steps between checkpoints (SIGTERM also saves at once)
     config.train.keep_checkpoints = 3  # latest checkpoints kept, plus the one with the best validation mIoU
     config.train.sample_predictions = 4  # validation images logged as image | ground truth | prediction
+    # a step whose loss, gradients or new parameters are not finite changes nothing and: 'stop's the run (nothing
+    # non-finite is saved) | is 'skip'ped, until max_nonfinite_in_a_row such steps follow each other
+    config.train.on_nonfinite = "stop"
+    config.train.max_nonfinite_in_a_row = 5
+    config.train.profile_steps = (0, 0)  # (first, last) step traced by jax.profiler into WORKDIR/profile; (0, 0): none
 
     config.optimizer = ml_collections.ConfigDict()  # AdamW, segnext_reference.md §3.2-3.3
     config.optimizer.lr = 6e-5  # base learning rate (backbone)

@@ -16,25 +16,36 @@ if __name__ == "__main__":
 
     malloc.restart_with_huge_pages()
 
-import logging as std_logging
+import errno
 import os
 import sys
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
-from etils import epath
 from ml_collections import config_flags
 
-from segnext_jax import checkpoints, sharding
+from segnext_jax import aot, checkpoints, configuration, console, paths, sharding
+from segnext_jax.data import pipeline
 from segnext_jax.evaluation import evaluate
 from segnext_jax.kernels import build
-from segnext_jax.training import train
+from segnext_jax.training import interrupts, train, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ade20k_t.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, evaluation results and TensorBoard logs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (evaluating periodically), or evaluate once.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "compile"],
+    "Train (evaluating periodically), evaluate once, or compile the steps for a Cloud TPU slice (--topology).",
+)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "v5e:2x2", "--mode=compile: the Cloud TPU slice, e.g. v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x1, v6e:2x2."
+)
+_PROGRAMS = flags.DEFINE_list("programs", ["train", "eval"], "--mode=compile: the programs to compile.")
+_FIND_MAX_BATCH = flags.DEFINE_bool(
+    "find_max_batch", False, "--mode=compile: also search the largest per-chip batch that fits (a compile per try)."
+)
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "--mode=eval: a training workdir or model directory to evaluate (default: --workdir)."
 )
@@ -73,30 +84,14 @@ def _unknown_key_message(error: Exception, argv: list[str]) -> str:
     return f"unknown config key {key!r}{where}" + (f" ({hint})" if hint else "")
 
 
-def checkpoint_step(workdir: str, step: str) -> int:
-    """The step number that 'latest', 'best' or 'N' names among WORKDIR/checkpoints (read only)."""
-    options = ocp.CheckpointManagerOptions(
-        read_only=True, create=False, best_fn=lambda m: m[checkpoints.BEST_METRIC], best_mode="max"
-    )
-    with ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options) as manager:
-        steps = manager.all_steps()
-        chosen = {"latest": manager.latest_step(), "best": manager.best_step()}.get(step)
-    if chosen is None and step.isdigit() and int(step) in steps:
-        chosen = int(step)
-    if chosen is None:
-        raise FileNotFoundError(f"--step={step}: no such checkpoint in {workdir}/checkpoints (saved steps: {steps})")
-    return chosen
-
-
 def run_eval(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None, step: str) -> None:
     """Evaluates a checkpoint (step N of a workdir; step 0 for a model directory) into WORKDIR/eval/step_<N>.json."""
-    source = checkpoint or workdir
-    if os.path.isdir(os.path.join(source, "checkpoints")):
-        number = checkpoint_step(source, step)
-        model = checkpoints.restore_model(source, number)
-    else:
-        number, model = 0, checkpoints.restore_model(source)
-    evaluate.evaluate(model, config, step=number, workdir=workdir)
+    number, model = checkpoints.load_for_eval(checkpoint or workdir, step)
+    results = evaluate.evaluate(model, config, step=number, workdir=workdir)
+    logging.info(
+        "done: step %d: mIoU %.4f, mAcc %.4f, aAcc %.4f; results: %s/eval/step_%d.json",
+        number, results["mIoU"], results["mAcc"], results["aAcc"], workdir, number,
+    )
 
 
 def enable_compilation_cache(directory: str | None) -> None:
@@ -111,28 +106,92 @@ def enable_compilation_cache(directory: str | None) -> None:
     jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", bool(directory))
 
 
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-    """Keeps orbax's per-save INFO lines out of the console (its warnings and errors still show)."""
-    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+# Errors of the user's input or environment: one line saying what to do (anything else keeps its traceback).
+USER_ERRORS = (
+    FileNotFoundError,
+    configuration.ConfigError,
+    pipeline.BadDataError,
+    train.NonFiniteError,
+    workdir_lock.WorkdirLockedError,
+    checkpoints.SaveError,
+    checkpoints.DamagedCheckpointError,
+    checkpoints.CheckpointMismatchError,
+    aot.CompileError,
+)
+# OS errors of a full or read-only disk, or a folder the run may not write to.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def load_config() -> ml_collections.ConfigDict:
+    """The --config file's config (overrides applied); a file that does not exist is a one-line error."""
+    filename = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not os.path.isfile(filename):
+        sys.exit(f"error: --config={filename}: no such file (paths are relative to {os.getcwd()})")
+    return _CONFIG.value
+
+
+def resolve_workdir(workdir: str) -> str:
+    """--workdir as an absolute path; one line if it names a file."""
+    resolved = paths.resolve(workdir)
+    if os.path.exists(resolved) and not os.path.isdir(resolved):
+        sys.exit(f"error: --workdir={workdir} is a file, not a folder: choose another --workdir")
+    return resolved
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> int:
+    """Trains or evaluates; returns the exit status (130 after Ctrl-C, whose step was saved)."""
+    if mode == "eval":
+        run_eval(config, workdir, _CHECKPOINT.value and paths.resolve(_CHECKPOINT.value), _STEP.value)
+        return 0
+    if mode == "compile":
+        for program in _PROGRAMS.value:  # each logs its summary and where its report is
+            aot.compile_report(config, _TOPOLOGY.value, program, workdir, find_max_batch=_FIND_MAX_BATCH.value)
+        return 0
+    os.makedirs(workdir, exist_ok=True)
+    log_file = console.log_to_file(os.path.join(workdir, "logs", f"train_process{jax.process_index()}.log"))
+    logging.info("full log (library messages included): %s", log_file)
+    stop = interrupts.install_handlers()
+    train.train(config, workdir, stop=stop)
+    return 130 if stop.signal_name == "SIGINT" else 0
 
 
 def main(argv: list[str]) -> None:
-    logging.get_absl_handler().addFilter(_quiet_orbax)
+    console.quiet_library_noise()
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {' '.join(argv[1:])} (flags are --name=value)")
-    enable_compilation_cache(_COMPILATION_CACHE.value)
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    logging.info("%s on %d %s devices, %d processes", _MODE.value, jax.device_count(), jax.default_backend(),
-                 jax.process_count())
+    config, workdir = load_config(), resolve_workdir(_WORKDIR.value)
     try:
-        if _MODE.value == "train":
-            os.makedirs(workdir, exist_ok=True)
-            train.train(config, workdir, stop=checkpoints.install_preemption_handler())
-        else:
-            run_eval(config, workdir, _CHECKPOINT.value, _STEP.value)
-    except (FileNotFoundError, train.ConfigError) as error:  # missing inputs or an unusable config: says what to do
+        configuration.check(config)  # before anything is compiled or written
+        configuration.resolve_paths(config)
+        configuration.fill_from_dataset(config)
+    except configuration.ConfigError as error:
         sys.exit(f"error: {error}")
+    if _MODE.value == "compile":  # for a TPU slice, from this host: no dataset, weights or accelerator needed
+        aot.use_host_cpu_only()
+    else:
+        enable_compilation_cache(_COMPILATION_CACHE.value)
+        sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        logging.info("%s on %d %s devices, %d processes", _MODE.value, jax.device_count(), jax.default_backend(),
+                     jax.process_count())
+    try:
+        status = run(_MODE.value, config, workdir)
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        print(
+            f"error: interrupted: stopped without saving the current step; the checkpoints in {workdir}/checkpoints "
+            "are intact: run the same command again to resume from the newest",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except OSError as error:
+        if error.errno not in STORAGE_ERRNOS:
+            raise
+        sys.exit(
+            f"error: writing {error.filename or workdir} failed: {error.strerror}: free some space (or fix the "
+            "permissions) and run the same command again (training resumes from the newest checkpoint)"
+        )
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Tiny fake datasets on disk in MMSegmentation's layouts, for the test_data_* tests."""
 
+import json
 import os
 
 import cv2
@@ -74,4 +75,41 @@ def make_split_file_layout(root: str, parts: dict[str, tuple[str, str, list[str]
             os.makedirs(f"{root}/{directory}", exist_ok=True)
         for name in names:
             open(f"{root}/{img_dir}/{name}.jpg", "w").close()
+    return root
+
+
+def write_mask(path: str, values: np.ndarray, mode: str = "L") -> None:
+    """Writes a folder-dataset mask PNG: class indices in mode 'L' or 'P' (`write_label`), or an (H, W, 3) uint8
+    colour array in mode 'RGB' / 'RGBA' (alpha 255)."""
+    if mode in ("L", "P"):
+        write_label(path, values, mode)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    values = np.ascontiguousarray(values, np.uint8)
+    if mode == "RGBA":
+        values = np.dstack([values, np.full(values.shape[:2], 255, np.uint8)])
+    Image.fromarray(values).save(path)  # (H, W, 3): RGB, (H, W, 4): RGBA
+
+
+def make_folder(
+    root: str,
+    masks: dict[str, dict[str, np.ndarray]],
+    classes: list[str] | dict | list[dict],
+    mode: str = "L",
+    image_suffix: str = ".jpg",
+) -> str:
+    """A folder dataset: masks[split][name] is written as ROOT/masks/SPLIT/NAME.png (in `mode`), with a random image
+    of its size as ROOT/images/SPLIT/NAME + image_suffix; `classes` (a list of names) goes to classes.txt, anything
+    else to classes.json."""
+    for split, named in masks.items():
+        for i, (name, mask) in enumerate(named.items()):
+            write_image(f"{root}/images/{split}/{name}{image_suffix}", mask.shape[0], mask.shape[1], seed=i)
+            write_mask(f"{root}/masks/{split}/{name}.png", mask, mode)
+    os.makedirs(root, exist_ok=True)
+    if isinstance(classes, list) and all(isinstance(name, str) for name in classes):
+        with open(f"{root}/classes.txt", "w") as f:
+            f.write("".join(f"{name}\n" for name in classes))
+    else:
+        with open(f"{root}/classes.json", "w") as f:
+            json.dump(classes, f)
     return root

@@ -33,12 +33,13 @@ DATASETS = {
 
 SCHEMA = {
     "model": {"variant", "num_classes", "drop_path_rate", "dropout_ratio", "dtype", "depthwise_impl",
-              "nmf_one_step_grad"},
+              "nmf_one_step_grad", "nmf_bases", "nmf_seed"},
     "init": {"pretrained", "pretrained_kind"},
     "data": {"dataset", "root", "source", "crop_size", "scale", "ratio_range", "cat_max_ratio", "test_scale",
-             "num_workers", "bad_example"},
+             "num_workers", "bad_example", "max_image_pixels"},
     "train": {"global_batch_size", "num_steps", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every",
-              "keep_checkpoints", "sample_predictions"},
+              "keep_checkpoints", "sample_predictions", "on_nonfinite", "max_nonfinite_in_a_row",
+              "profile_steps"},
     "optimizer": {"lr", "b1", "b2", "eps", "weight_decay", "head_lr_mult", "warmup_steps", "warmup_ratio", "power",
                   "min_lr", "schedule"},
     "eval": {"mode", "crop_size", "stride", "scales", "flip", "seed", "batch_size"},
@@ -86,7 +87,7 @@ def mmseg_configs(mmseg):
 
 
 def test_every_dataset_and_variant_has_a_config():
-    expected = {f"{d}_{v}.py" for d in DATASETS for v in "tsbl"} | {"demo.py", "base.py"}
+    expected = {f"{d}_{v}.py" for d in DATASETS for v in "tsbl"} | {"demo.py", "base.py", "folder_t.py"}
     assert {os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))} == expected
 
 

@@ -4,6 +4,7 @@ loads in both directions, clear errors, and the command line."""
 import collections
 import logging
 import os
+import zipfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,7 @@ from oracle import fix_reference_bases
 from test_layouts import LAYOUTS, imagenet_backbone, official_naming, reference_segmentor
 from test_model_parity import reference_bases, relative_error
 
+import weights_conversion.__main__ as command_line
 from segnext_jax import checkpoints, models
 from weights_conversion import (
     StateDictMismatch,
@@ -196,12 +198,12 @@ def test_unmapped_missing_and_misshaped_keys_are_all_listed(reference):
     state["decode_head.squeeze.gn.weight"] = np.zeros(128, np.float32)
     model = models.create("t", NUM_CLASSES, rngs=nnx.Rngs(3))
     before = weights(model)
-    with pytest.raises(StateDictMismatch, match="3 problem") as info:
+    with pytest.raises(StateDictMismatch, match="^state_dict: 3 problems: ") as info:
         load_pytorch_checkpoint(state, model)
     message = str(info.value)
     assert "unexpected key 'decode_head.extra.weight'" in message
     assert "missing key 'backbone.norm4.bias'" in message
-    assert "shape mismatch for 'decode_head.squeeze.gn.weight': checkpoint (128,), model expects (256,)" in message
+    assert "decode_head.squeeze.gn.weight has shape (128,), expected (256,)" in message
     assert_weights_equal(weights(model), before)
 
 
@@ -216,33 +218,133 @@ def test_api_argument_errors(reference):
         load_pytorch_checkpoint(state, num_classes=3)
 
 
-def test_command_line_both_ways(reference, tmp_path, capsys, caplog):
+def test_command_line_both_ways_with_relative_paths(reference, tmp_path, monkeypatch, capsys, caplog):
+    """Relative paths (orbax takes absolute ones only) and outputs in folders that do not exist yet."""
     source = reference("t")
     expected = {k: v for k, v in numpy_state_dict(source).items() if not k.endswith("num_batches_tracked")}
-    pth, model_dir = str(tmp_path / "segnext_t.pth"), str(tmp_path / "segnext_t")
+    monkeypatch.chdir(tmp_path)
+    pth, model_dir = "segnext_t.pth", os.path.join("models", "segnext_t")
     torch.save(LAYOUTS["runner"][0](official_naming(source.state_dict()), "t"), pth)
 
     with caplog.at_level(logging.INFO, logger="weights_conversion"):
         assert main([pth, model_dir]) == 0
-    assert f"SegNeXt-T, {NUM_CLASSES} classes; {len(expected)} tensors converted" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"{pth}: SegNeXt-T, {NUM_CLASSES} classes; {len(expected)} tensors converted -> {model_dir}")
     assert "renamed 26 official-naming keys" in caplog.text
-    assert_weights_equal(weights(checkpoints.restore_model(model_dir)), expected)
+    assert_weights_equal(weights(checkpoints.restore_model(str(tmp_path / model_dir))), expected)
 
     listing = sorted(os.listdir(model_dir))
     assert main([pth, model_dir]) == 1
-    assert f"error: {model_dir} already exists" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: {model_dir} already exists: choose a new output path\n"
     assert sorted(os.listdir(model_dir)) == listing
-    assert main([pth, str(tmp_path / "as_s"), "--variant", "s"]) == 1
+    assert main([pth, "as_s", "--variant", "s"]) == 1
     assert "a SegNeXt-T checkpoint cannot fill a SegNeXt-S model" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "as_s")
+    assert not os.path.exists("as_s")
 
-    back = str(tmp_path / "back.pth")
+    back = os.path.join("exports", "back.pth")
     assert main([model_dir, back]) == 0
-    assert f"SegNeXt-T, {NUM_CLASSES} classes; {len(expected)} tensors converted" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith(f"{model_dir}: SegNeXt-T, {NUM_CLASSES} classes; {len(expected)} ")
     target = reference_segmentor("t", NUM_CLASSES, seed=5)
-    target.load_state_dict(torch.load(back, weights_only=True)["state_dict"], strict=True)
+    target.load_state_dict(torch.load(tmp_path / back, weights_only=True)["state_dict"], strict=True)
     for key, tensor in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], tensor), key
+
+
+def one_line_error(capsys) -> str:
+    """The command's stderr, checked to be one line starting with 'error: '."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.rstrip("\n")
+
+
+@pytest.mark.parametrize(
+    "key,reshape,expected",
+    [
+        (
+            "backbone.patch_embed1.proj.0.weight",
+            lambda w: w[..., 0],
+            "(16, 3, 3), expected 4-D (out, in, kh, kw) (16, 3, 3, 3)",
+        ),
+        ("decode_head.conv_seg.weight", lambda w: w[:, :, 0, 0], "(19, 256), expected 4-D (out, in, kh, kw)"),
+    ],
+)
+def test_command_line_names_a_misshaped_tensor(reference, tmp_path, capsys, key, reshape, expected):
+    """A kernel of the wrong rank: a one-line error naming the key and both shapes (it was 'axes don't match')."""
+    state = reference("t").state_dict()
+    pth = str(tmp_path / "segnext.pth")
+    torch.save({"state_dict": {**state, key: reshape(state[key])}}, pth)
+    assert main([pth, str(tmp_path / "model")]) == 1
+    assert one_line_error(capsys) == f"error: {pth}: {key} has shape {expected}"
+    assert not os.path.exists(tmp_path / "model")
+
+
+def test_command_line_refuses_files_that_are_no_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with open("random.pth", "wb") as f:
+        f.write(np.random.RandomState(0).bytes(1000))
+    with open("notes.txt", "w") as f:
+        f.write("mscan_t weights are on the cloud drive\n")
+    open("empty.pth", "wb").close()
+    with zipfile.ZipFile("other.zip", "w") as zf:
+        zf.writestr("readme.txt", "hello")
+    torch.save([torch.zeros(2)], "list.pth")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, "resnet.pth")
+    os.mkdir("empty_folder")
+    cases = {
+        "random.pth": "not a PyTorch checkpoint",
+        "notes.txt": "not a PyTorch checkpoint",
+        "empty.pth": "not a PyTorch checkpoint",
+        "other.zip": "a zip archive but not a torch.save checkpoint",
+        "list.pth": "expected a dict",
+        "resnet.pth": "checkpoint matches no SegNeXt variant",
+        "empty_folder": "neither a model directory",
+    }
+    for name, reason in cases.items():
+        assert main([name, "out"]) == 1, name
+        message = one_line_error(capsys)
+        assert os.path.join(tmp_path, name) in message and reason in message, message
+    assert main(["missing.pth", "out"]) == 1
+    assert one_line_error(capsys) == "error: missing.pth: no such file or directory"
+    assert sorted(os.listdir()) == sorted(cases)  # no output
+
+
+def test_command_line_refuses_an_output_it_cannot_create(tmp_path, monkeypatch, capsys):
+    """Checked before the input is read (a conversion takes seconds): the input here is not even a checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    with open("notes.txt", "w") as f:
+        f.write("not read\n")
+    assert main(["notes.txt", os.path.join("notes.txt", "model")]) == 1
+    assert one_line_error(capsys) == f"error: {os.path.join('notes.txt', 'model')}: cannot be created, " + (
+        f"{tmp_path / 'notes.txt'} is a file, not a folder"
+    )
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # works as root too, unlike a chmod
+    assert main(["notes.txt", os.path.join("new", "model")]) == 1
+    assert one_line_error(capsys) == f"error: {os.path.join('new', 'model')}: cannot be created, " + (
+        f"no permission to write into {tmp_path}"
+    )
+    assert sorted(os.listdir()) == ["notes.txt"]
+
+
+def test_command_line_urls_are_left_to_orbax(tmp_path, capsys):
+    """URLs (kept by paths.resolve) are not checked as local paths; only orbax's model directories may be one."""
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    assert main([str(tmp_path / "notes.txt"), "gs://bucket/model"]) == 1  # the input is read, then refused
+    assert "not a PyTorch checkpoint" in one_line_error(capsys)
+    assert main([str(tmp_path), "gs://bucket/segnext.pth"]) == 1
+    assert one_line_error(capsys) == "error: gs://bucket/segnext.pth: a .pth is written to a local path only"
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_command_line_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
+    """Only bad inputs are one-line errors: a ValueError from inside the conversion is not hidden."""
+
+    def bug(path):
+        raise ValueError("axes don't match array")
+
+    monkeypatch.setattr(command_line, "read_pytorch_checkpoint", bug)
+    (tmp_path / "segnext.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="axes don't match array"):
+        main([str(tmp_path / "segnext.pth"), str(tmp_path / "model")])
 
 
 def test_command_line_imagenet_backbone(reference, tmp_path, capsys):

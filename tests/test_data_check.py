@@ -3,13 +3,16 @@
 import os
 import subprocess
 import sys
+import warnings
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 import data_fakes
+from huge_png import huge_png
 
 from segnext_jax.data import check, datasets, loading
 
@@ -100,3 +103,47 @@ def test_check_cli_on_clean_and_missing_data(tmp_path):
 def test_check_accepts_demo_data(capsys):
     assert check.main(["--dataset=demo", "--splits=val"]) == 0
     assert "demo (val) is clean: 100 examples checked" in capsys.readouterr().out
+
+
+def test_oversized_files_are_reported_from_their_header(tmp_path, monkeypatch, capsys):
+    """A 30000 x 30000 PNG (a few hundred bytes; it cannot be decoded) as an image and as a label: each reported on
+    one line; OpenCV never sees it. A lower --max_image_pixels flags ordinary files too."""
+    root = data_fakes.make_ade20k(str(tmp_path / "ade"), num_train=3, num_val=2)
+    image = f"{root}/images/training/ADE_train_00000000.jpg"
+    label = f"{root}/annotations/training/ADE_train_00000001.png"
+    for path in (image, label):
+        with open(path, "wb") as f:
+            f.write(huge_png(30000, 30000))
+    imdecode = cv2.imdecode
+
+    def small_only(data, flags):
+        assert len(data) != len(huge_png(30000, 30000)), "the oversized image was decoded"
+        return imdecode(data, flags)
+
+    monkeypatch.setattr(cv2, "imdecode", small_only)
+    assert check.main(["--dataset=ade20k", f"--root={root}", "--threads=2"]) == 1
+    reason = "30000 x 30000 = 900.0 M pixels, over the limit of 89.5 M (config.data.max_image_pixels)"
+    assert capsys.readouterr().out.splitlines() == sorted([f"{image}: {reason}", f"{label}: {reason}"])
+
+    # Validation images are 56 x 40 = 2240 and 54 x 44 = 2376 pixels (image and label alike).
+    assert check.main(["--dataset=ade20k", f"--root={root}", "--splits=val", "--max_image_pixels=2300"]) == 1
+    stem = f"{root}/%s/validation/ADE_val_00000001"
+    reason = "54 x 44 = 2,376 pixels, over the limit of 2,300 (config.data.max_image_pixels)"
+    expected = [f"{stem % 'annotations'}.png: {reason}", f"{stem % 'images'}.jpg: {reason}"]
+    assert capsys.readouterr().out.splitlines() == expected
+
+
+def test_size_limit_needs_no_decoder_and_raises_no_pil_warning():
+    """Above PIL's own limit PIL warns (an exception under -W error) and above twice it raises before the size can
+    be read; the loader reads it all the same and reports one line. Above OpenCV's own limit (2^30 pixels), an
+    image accepted by a raised limit is a bad example too, not an OpenCV traceback."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for decode in (loading.decode_image, loading.decode_label):
+            for side in (10000, 30000):
+                with pytest.raises(loading.BadExampleError, match=f"^x.png: {side} x {side} = .* over the limit of"):
+                    decode(huge_png(side, side), "x.png")
+    assert Image.MAX_IMAGE_PIXELS == loading.DEFAULT_MAX_IMAGE_PIXELS  # PIL's own check is back on
+    assert str(loading.BadExampleError("x.png", "a library's\n  message")) == "x.png: a library's message"
+    with pytest.raises(loading.BadExampleError, match=r"^x.png: not a decodable image \(OpenCV: .*\)$"):
+        loading.decode_image(huge_png(40000, 40000), "x.png", max_image_pixels=2 * 10**9)

@@ -12,6 +12,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(__file__))
 import data_fakes
+from huge_png import huge_png
 
 from segnext_jax.data import datasets, demo, loading, pipeline, sources, transforms
 
@@ -112,6 +113,57 @@ def test_bad_example_is_skipped_and_counted_or_stops(tmp_path):
     assert restored.num_skipped == iterator.num_skipped
     with pytest.raises(pipeline.BadDataError, match=f"{bad}: truncated JPEG"):
         _take(iter(_train(root, bad_example="stop")), 5)
+
+
+def test_oversized_label_or_image_is_skipped_and_counted_or_stops_in_one_line(tmp_path):
+    """A 30000 x 30000 PNG header as example 2's label, then as example 4's image (written over the JPEG)."""
+    root = data_fakes.make_ade20k(str(tmp_path / "ade_huge"), num_train=6, num_val=1)
+    image = f"{root}/images/training/ADE_train_%08d.jpg"
+    label = f"{root}/annotations/training/ADE_train_%08d.png"
+    reason = "30000 x 30000 = 900.0 M pixels, over the limit of 89.5 M (config.data.max_image_pixels)"
+    for bad, example in ((label % 2, image % 2), (image % 4, image % 4)):
+        original = open(bad, "rb").read()
+        with open(bad, "wb") as f:
+            f.write(huge_png(30000, 30000))
+        iterator = iter(_train(root, bad_example="skip"))
+        _take(iterator, 5)
+        assert iterator.num_skipped == _bad_positions_until(root, example, 0, 20) >= 2
+        with pytest.raises(pipeline.BadDataError) as stopped:
+            _take(iter(_train(root, bad_example="stop")), 5)
+        assert str(stopped.value) == f"bad training example (bad_example='stop'): {bad}: {reason}"
+        with open(bad, "wb") as f:
+            f.write(original)
+
+
+def test_stop_reaches_the_caller_as_one_line_bad_data_error_from_a_worker(tmp_path):
+    """With prefetch workers the worker's BadDataError is re-raised in this process, type and message intact."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain's worker processes read an absl flag
+    root = data_fakes.make_ade20k(str(tmp_path / "ade_huge"), num_train=4, num_val=1)
+    label = f"{root}/annotations/training/ADE_train_00000001.png"
+    with open(label, "wb") as f:
+        f.write(huge_png(30000, 30000))
+    iterator = iter(_train(root, bad_example="stop", num_workers=1, global_batch_size=2))
+    try:
+        with pytest.raises(pipeline.BadDataError) as stopped:
+            _take(iterator, 4)
+    finally:
+        iterator.close()
+    reason = "30000 x 30000 = 900.0 M pixels, over the limit of 89.5 M (config.data.max_image_pixels)"
+    assert str(stopped.value) == f"bad training example (bad_example='stop'): {label}: {reason}"
+
+
+def test_lower_pixel_limit_applies_to_training_and_evaluation(ade):
+    """Training images are (40 + 4i) x (56 - 2i): only example 5 (46 x 60 = 2760 pixels) is over 2700."""
+    iterator = iter(_train(ade, bad_example="skip", max_image_pixels=2700))
+    _take(iterator, 5)
+    example = f"{ade}/images/training/ADE_train_00000005.jpg"
+    assert iterator.num_skipped == _bad_positions_until(ade, example, 0, 20) >= 2
+    with pytest.raises(pipeline.BadDataError, match=r"ADE_train_00000005.jpg: 46 x 60 = 2,760 pixels, over the limit"):
+        _take(iter(_train(ade, bad_example="stop", max_image_pixels=2700)), 5)
+    _take(iter(_train(ade, bad_example="stop", max_image_pixels=2760)), 5)
+    with pytest.raises(pipeline.BadDataError, match=r"^bad evaluation example: .*ADE_val_00000000.jpg: 56 x 40 = "):
+        list(pipeline.make_eval_dataset("ade20k", ade, test_scale=(80, 24), max_image_pixels=2000))
 
 
 def test_multiworker_prefetch_resumes_through_orbax_and_counts_skips(tmp_path):

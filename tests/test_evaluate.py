@@ -5,6 +5,7 @@ import json
 import math
 import os
 import runpy
+import sys
 
 import numpy as np
 import pytest
@@ -12,8 +13,11 @@ import torch
 from flax import nnx
 from oracle import import_mmseg
 
+sys.path.insert(0, os.path.dirname(__file__))
+import data_fakes
+
 from segnext_jax import models
-from segnext_jax.data import sources
+from segnext_jax.data import pipeline, sources
 from segnext_jax.evaluation import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,3 +99,16 @@ def test_overlay_is_image_ground_truth_prediction():
     np.testing.assert_array_equal(panel[:, :2], image)
     np.testing.assert_array_equal(panel[:, 2:4], [[class0, [100, 100, 100]], [class1, class0]])  # 255: the image
     np.testing.assert_array_equal(panel[:, 4:], [[class1, class1], [class0, class0]])
+
+
+def test_image_over_the_configured_pixel_limit_stops_evaluation_in_one_line(model, tmp_path):
+    """config.data.max_image_pixels reaches evaluation's own reader: the first validation image, 56 x 40 pixels, is
+    over a limit of 2000 (read before the model runs)."""
+    root = data_fakes.make_ade20k(str(tmp_path / "ade"), num_train=1, num_val=2)
+    config = runpy.run_path(os.path.join(REPO, "configs", "demo.py"))["get_config"]()
+    config.data.dataset, config.data.root, config.data.max_image_pixels = "ade20k", root, 2000
+    image = f"{root}/images/validation/ADE_val_00000000.jpg"
+    reason = "56 x 40 = 2,240 pixels, over the limit of 2,000 (config.data.max_image_pixels)"
+    with pytest.raises(pipeline.BadDataError) as stopped:
+        evaluate.evaluate(model, config, step=0)
+    assert str(stopped.value) == f"bad evaluation example: {image}: {reason}"

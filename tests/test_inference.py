@@ -221,6 +221,51 @@ def test_seeded_inference_is_the_models_own_logits_and_batch_independent(tiny_va
     assert not np.allclose(other_seed, first, atol=1e-3)
 
 
+def test_labels_by_row_bands_equal_the_argmax_of_full_size_scores(tiny_variant, monkeypatch):
+    """infer_labels: 50 x 70 images, test scale (64, 32) (network inputs 32 x 45, then 24 x 34 and 32 x 45 for
+    ratios 0.75 and 1): full-size scores never exist, only bands of 7 rows (the last one padded); the bands handed
+    out are the full-size logits (one augmentation) or probabilities (multi-scale + flip)."""
+    model = models.create(tiny_variant, NUM_CLASSES, rngs=nnx.Rngs(1), depthwise_impl="xla")
+    model.eval()
+    images = uint8_images((2, 50, 70, 3), seed=4)
+    band_shapes, band = [], inference._band
+
+    def band_spy(logits, taps, average_probs):
+        scores, labels = band(logits, taps, average_probs)
+        band_shapes.append(scores.shape)
+        return scores, labels
+
+    monkeypatch.setattr(inference, "_band", band_spy)
+    key, options = jax.random.key(5), dict(test_scale=(64, 32))
+    multiscale = dict(scales=(0.75, 1.0), flip=True)
+    full = [
+        (dict(), inference.infer_augmented_logits(model, images, key=key, **options)),
+        (multiscale, inference.infer_multiscale(model, images, key=key, **multiscale, **options)),
+    ]
+    bands = []
+    for augmentation, expected in full:
+        band_shapes.clear()
+        bands.clear()
+        labels = inference.infer_labels(
+            model,
+            images,
+            key=key,
+            band_bytes=4 * 2 * 70 * NUM_CLASSES * 7,
+            on_scores=lambda first_row, scores: bands.append((first_row, scores)),
+            **augmentation,
+            **options,
+        )
+        assert set(band_shapes) == {(2, 7, 70, NUM_CLASSES)} and len(band_shapes) == 8
+        assert [first_row for first_row, _ in bands] == list(range(0, 50, 7)) and bands[-1][1].shape[1] == 1
+        scores = np.concatenate([scores for _, scores in bands], axis=1)
+        np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(labels, np.argmax(scores, -1))
+        top2 = np.sort(np.asarray(expected), axis=-1)[..., -2:]
+        decided = top2[..., 1] - top2[..., 0] > 1e-5  # pixels whose argmax rounding cannot flip
+        assert decided.mean() > 0.99
+        np.testing.assert_array_equal(labels[decided], np.argmax(expected, -1)[decided])
+
+
 def test_bad_arguments_are_one_line_errors(tiny_variant):
     model = models.create(tiny_variant, NUM_CLASSES, rngs=nnx.Rngs(1), depthwise_impl="xla")
     images = jnp.zeros((1, 32, 32, 3))

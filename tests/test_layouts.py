@@ -6,7 +6,7 @@ import torch
 from oracle import REFERENCE_VARIANTS, build_reference
 
 from weights_conversion.layouts import detect_architecture, extract_state_dict, normalize_keys
-from weights_conversion.pth_io import read_pth
+from weights_conversion.pth_io import CheckpointFormatError, read_pth
 
 NUM_CLASSES = {"t": 150, "s": 19, "b": 171, "l": 150}  # ADE20K, Cityscapes, COCO-Stuff, ADE20K
 
@@ -121,19 +121,32 @@ def test_detect_architecture_unknown_combinations(reference_state_dicts):
         detect_architecture(wide_head)
 
     no_stem = {k: v for k, v in reference.items() if not k.startswith("backbone.patch_embed1.")}
-    with pytest.raises(ValueError, match=r"embed_dims=\(None, 64, 160, 256\)"):
+    with pytest.raises(CheckpointFormatError, match=r"embed_dims=\(None, 64, 160, 256\)"):
         detect_architecture(no_stem)
+
+
+@pytest.mark.parametrize(
+    "key", ["backbone.patch_embed1.proj.3.weight", "backbone.block2.0.mlp.fc1.weight", "decode_head.conv_seg.weight"]
+)
+def test_detect_architecture_names_a_kernel_that_is_not_4d(reference_state_dicts, key):
+    """The kernels whose shapes give the architecture, 2-D or 0-D: an error naming the key, not an IndexError."""
+    reference, _ = normalize_keys(as_numpy(reference_state_dicts["t"]))
+    flat = reference[key].reshape(reference[key].shape[0], -1)
+    with pytest.raises(CheckpointFormatError, match=rf"^{key} has shape \({flat.shape[0]}, {flat.shape[1]}\), "):
+        detect_architecture({**reference, key: flat})
+    with pytest.raises(CheckpointFormatError, match=rf"^{key} has shape \(\), expected 4-D \(out, in, kh, kw\)$"):
+        detect_architecture({**reference, key: np.float32(1.0).reshape(())})
 
 
 def test_extract_state_dict_errors():
     weights = {"a.weight": np.zeros(2, np.float32)}
-    with pytest.raises(TypeError, match="ckpt.pth: expected a dict"):
+    with pytest.raises(CheckpointFormatError, match="ckpt.pth: expected a dict"):
         extract_state_dict([weights], "ckpt.pth")
-    with pytest.raises(ValueError, match="ckpt.pth: not a state_dict.*meta"):
+    with pytest.raises(CheckpointFormatError, match="ckpt.pth: not a state_dict.*meta"):
         extract_state_dict({"meta": {}, "weights": weights}, "ckpt.pth")
-    with pytest.raises(ValueError, match=r"ckpt.pth\['state_dict'\]: key 'module.a.weight' collides"):
+    with pytest.raises(CheckpointFormatError, match=r"ckpt.pth\['state_dict'\]: key 'module.a.weight' collides"):
         extract_state_dict({"state_dict": {**weights, "module.a.weight": np.ones(2, np.float32)}}, "ckpt.pth")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(CheckpointFormatError, match="empty"):
         extract_state_dict({"state_dict": {}}, "ckpt.pth")
     assert extract_state_dict({"model": {"module.module.a.weight": weights["a.weight"]}}, "x") == weights
 
@@ -141,5 +154,5 @@ def test_extract_state_dict_errors():
 def test_normalize_keys_refuses_both_dwconv_namings(reference_state_dicts):
     reference = as_numpy(reference_state_dicts["t"])
     both = {**reference, **official_naming({"backbone.block1.0.mlp.dwconv.weight": np.zeros(1)})}
-    with pytest.raises(ValueError, match="both official"):
+    with pytest.raises(CheckpointFormatError, match="both official"):
         normalize_keys(both)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import data_fakes
 import pytest
 
 from segnext_jax.data import datasets
@@ -30,6 +31,32 @@ CASES = {
         "warmup_iters=30, max_iters=2: mmseg's schedule needs warmup_iters 0 or >= 2 and max_iters >= warmup_iters + 2 "
         "(lower config.optimizer.warmup_steps or raise config.train.num_steps)",
     ),
+    "no images in a batch": (
+        ["--config=configs/demo.py", "--config.train.global_batch_size=0"],
+        "error: config.train.global_batch_size=0: must be an integer >= 1",
+    ),
+    "no logging interval": (
+        ["--config=configs/demo.py", "--config.train.log_every=0"],
+        "error: config.train.log_every=0: must be an integer >= 1",
+    ),
+    "unknown dataset": (
+        ["--config=configs/demo.py", "--config.data.dataset=ade20"],
+        f"error: config.data.dataset='ade20': choose one of {', '.join(datasets.NAMES)}",
+    ),
+    "crop larger than every resized image": (
+        ["--config=configs/demo.py", "--config.data.crop_size=(512,512)"],
+        "error: config.data.crop_size=(512, 512) is larger than any resized training image (config.data.scale="
+        "(256, 128) x ratio_range up to 2.0: at most 512 x 256), so every crop would be mostly padding: lower "
+        "crop_size or raise scale",
+    ),
+    "unknown non-finite policy": (
+        ["--config=configs/demo.py", "--config.train.on_nonfinite=ignore"],
+        "error: config.train.on_nonfinite='ignore': choose one of stop, skip",
+    ),
+    "config file that does not exist": (
+        ["--config=configs/ade20k_x.py"],
+        f"error: --config=configs/ade20k_x.py: no such file (paths are relative to {REPO})",
+    ),
     "missing pretrained backbone": (
         ["--config=configs/demo.py", "--config.init.pretrained=/nonexistent/mscan_t"],
         "error: config.init.pretrained='/nonexistent/mscan_t' does not exist: convert the published ImageNet backbone "
@@ -39,12 +66,33 @@ CASES = {
 }
 
 
+def fake_ade20k_with_a_broken_image(root: str) -> tuple[list[str], str]:
+    """Arguments training on a fake ADE20K with one training image, broken, and the error it ends in."""
+    data_fakes.make_ade20k(root, num_train=1, num_val=1)
+    broken = os.path.join(root, "images", "training", "ADE_train_00000000.jpg")
+    with open(broken, "wb") as f:
+        f.write(b"not an image")
+    args = ["--config=configs/ade20k_t.py", f"--config.data.root={root}", "--config.init.pretrained=",
+            "--config.data.bad_example=stop", "--config.data.num_workers=0"]
+    return args, f"error: bad training example (bad_example='stop'): {broken}: not a decodable image"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every case's (return code, stderr), run in parallel; each gets its own empty workdir."""
+    """Every case's (return code, stderr), run in parallel; each gets its own empty workdir (one is a file)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    a_file = tmp_path_factory.mktemp("file") / "workdir"
+    a_file.write_text("")
+    cases = {
+        **CASES,
+        "workdir that is a file": (
+            ["--config=configs/demo.py", f"--workdir={a_file}"],
+            f"error: --workdir={a_file} is a file, not a folder: choose another --workdir",
+        ),
+        "bad example with bad_example=stop": fake_ade20k_with_a_broken_image(str(tmp_path_factory.mktemp("ade"))),
+    }
     started = {}
-    for name, (args, _) in CASES.items():
+    for name, (args, _) in cases.items():
         workdir = str(tmp_path_factory.mktemp("workdir"))
         command = [sys.executable, "-m", "segnext_jax.main", f"--workdir={workdir}", *args]
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
@@ -53,16 +101,16 @@ def runs(tmp_path_factory):
     finished = {}
     for name, (process, workdir) in started.items():
         _, stderr = process.communicate(timeout=300)
-        finished[name] = (process.returncode, stderr.replace(workdir, "WORKDIR"))
+        finished[name] = (process.returncode, stderr.replace(workdir, "WORKDIR"), cases[name][1])
     return finished
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*CASES, "workdir that is a file", "bad example with bad_example=stop"])
 def test_error_is_one_line_saying_what_to_do(runs, case):
-    returncode, stderr = runs[case]
+    returncode, stderr, expected = runs[case]
     assert returncode == 1
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == CASES[case][1]
+    assert stderr.strip().splitlines()[-1] == expected
 
 
 CACHED_COMPILE = """

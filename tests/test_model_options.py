@@ -1,5 +1,7 @@
 """Model options: seeded NMF bases, bfloat16 compute, the public API's shapes and errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,7 @@ import pytest
 from flax import nnx
 from oracle import build_reference, reference_state_dict
 
-from segnext_jax import models
-from segnext_jax.models import mscan
+from segnext_jax import backend, models
 from weights_conversion.mapping import load_state_dict
 
 NUM_CLASSES = 19
@@ -84,17 +85,18 @@ def test_wrong_nmf_bases_shape_is_refused():
 
 
 def test_inlined_and_scanned_stages_train_alike(monkeypatch):
-    """A stage runs block after block on CPU up to CPU_MAX_INLINED_BLOCKS blocks and as a scan beyond: in training
-    mode (stochastic depth on) both give the same stage outputs and BatchNorm statistics (autodiff of either is
-    exact, so their gradients agree too)."""
+    """A stage runs block after block up to the backend policy's max_inlined_blocks (CPU: 12) and as a scan beyond:
+    in training mode (stochastic depth on) both give the same stage outputs and BatchNorm statistics (autodiff of
+    either is exact, so their gradients agree too)."""
     variant = models.Variant((16, 16, 32, 32), (3, 1, 2, 1), 0.5, 32, 4)
     monkeypatch.setitem(models.VARIANTS, "stages", variant)
     images = jnp.asarray(np.random.RandomState(2).randn(2, 32, 32, 3).astype(np.float32))
 
     def train_forward(limit: int):
-        monkeypatch.setattr(mscan, "CPU_MAX_INLINED_BLOCKS", limit)
+        policy = dataclasses.replace(backend.policy_for("cpu"), max_inlined_blocks=limit)
         backbone = models.create("stages", 4, rngs=nnx.Rngs(0)).backbone  # the stages only: the head compiles slowly
-        features = nnx.jit(lambda m, x: m(x, rngs=nnx.Rngs(5)))(backbone, images)
+        with backend.use(policy):
+            features = nnx.jit(lambda m, x: m(x, rngs=nnx.Rngs(5)))(backbone, images)
         return features, nnx.state(backbone, nnx.BatchStat)
 
     inlined, scanned = train_forward(100), train_forward(0)

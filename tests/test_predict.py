@@ -4,6 +4,7 @@ A tiny SegNeXt keeps compilation short; every network call here has one of two s
 """
 
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -13,6 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+from huge_png import huge_png
 
 from segnext_jax import Segmenter, checkpoints, models, predict
 from segnext_jax.data import demo, loading
@@ -71,7 +75,7 @@ def test_folder_run_skips_broken_file_and_matches_inference(tiny_model, workdir,
     assert predict.main(argv) == 1
     printed = capsys.readouterr().out
     assert "segmented 5 image(s)" in printed and "(1 by sliding window)" in printed
-    assert "skipped 1 unreadable file(s):\n  broken.png: " in printed
+    assert "skipped 1 file(s):\n  broken.png: " in printed
 
     for name, size in [("a", 64), ("b", 64), ("d", 64), ("sub/c", 64), ("e", 96)]:
         labels = cv2.imread(str(out / "labels" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
@@ -147,3 +151,79 @@ def test_unusable_input_is_a_one_line_error(workdir, tmp_path, capsys):
     missing = os.fspath(tmp_path / "missing")
     assert predict.main(["--checkpoint", workdir, "--input", missing, "--output", str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err.strip() == f"error: --input {missing}: no such file or folder"
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(random_image((64, 64, 3), 0)).save(tmp_path / "a.png")
+    assert predict.main(["--checkpoint", "missing.pth", "--input", "a.png", "--output", "out"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --checkpoint missing.pth: no such file or directory"
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {tmp_path / 'missing'}: no such file or directory"):
+        Segmenter.from_checkpoint("missing")
+
+
+def test_relative_paths_are_relative_to_the_working_directory(tiny_model, tmp_path, monkeypatch, capsys):
+    checkpoints.save_model(tiny_model, str(tmp_path / "model"), {"model": MODEL_KWARGS})
+    (tmp_path / "images").mkdir()
+    Image.fromarray(random_image((64, 64, 3), 0)).save(tmp_path / "images" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint", "model", "--input", "images", "--output", "out", "--test-scale", "256", "128"]
+    assert predict.main(argv) == 0, capsys.readouterr()
+    assert (tmp_path / "out" / "labels" / "a.png").is_file() and (tmp_path / "out" / "overlays" / "a.png").is_file()
+    assert Segmenter.from_checkpoint("model").num_classes == 6
+
+
+@pytest.fixture
+def model_spy(monkeypatch):
+    """Records the shapes of the images given to the network and of the scores resized after it."""
+    shapes = {"network": [], "finish": []}
+    network_logits, finish = inference._network_logits, inference._finish
+
+    def network_spy(graphdef, state, images, bases):
+        shapes["network"].append(images.shape)
+        return network_logits(graphdef, state, images, bases)
+
+    def finish_spy(*args):
+        result = finish(*args)
+        shapes["finish"].append(result.shape)
+        return result
+
+    monkeypatch.setattr(inference, "_network_logits", network_spy)
+    monkeypatch.setattr(inference, "_finish", finish_spy)
+    return shapes
+
+
+def test_partial_batch_runs_at_its_own_size_without_full_size_scores(workdir, tmp_path, model_spy, capsys):
+    """3 images with --batch-size 4: one network call on 3 images, not 4 (no copies to fill the batch). The 64 x 64
+    images enter the network at 32 x 32 (test scale 64 x 32) and the scores are never resized to 64 x 64 at once."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(random_image((64, 64, 3), i)).save(folder / f"{i}.png")
+    argv = ["--checkpoint", workdir, "--input", str(folder), "--output", str(tmp_path / "out")]
+    assert predict.main(argv + ["--batch-size", "4", "--test-scale", "64", "32"]) == 0, capsys.readouterr()
+    assert model_spy["network"] == [(3, 32, 32, 3)]
+    assert model_spy["finish"] == [(3, 32, 32, 6)]
+    for i in range(3):
+        assert cv2.imread(str(tmp_path / "out" / "labels" / f"{i}.png"), cv2.IMREAD_UNCHANGED).shape == (64, 64)
+
+
+def test_images_over_the_pixel_limit_are_skipped_from_their_header(workdir, tmp_path, capsys):
+    """A 30000 x 30000 PNG header (it cannot be decoded) is refused by default; --max-image-pixels 4096 also
+    refuses an 80 x 64 image and keeps a 64 x 64 one (the limit is inclusive)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(random_image((64, 64, 3), 0)).save(folder / "a.png")
+    (folder / "huge.png").write_bytes(huge_png(30000, 30000))
+    Image.fromarray(random_image((64, 80, 3), 1)).save(folder / "wide.png")
+    argv = ["--checkpoint", workdir, "--output", str(tmp_path / "out"), "--test-scale", "64", "32"]
+    assert predict.main(argv + ["--input", str(folder), "--max-image-pixels", "4096"]) == 1
+    printed = capsys.readouterr().out
+    assert "segmented 1 image(s)" in printed and "skipped 2 file(s):\n" in printed
+    assert "  huge.png: 30000 x 30000 = 900.0 M pixels, over the limit of 4,096 (--max-image-pixels)\n" in printed
+    assert "  wide.png: 80 x 64 = 5,120 pixels, over the limit of 4,096 (--max-image-pixels)\n" in printed
+    assert (tmp_path / "out" / "labels" / "a.png").exists() and not (tmp_path / "out" / "labels" / "wide.png").exists()
+    assert predict.main(argv + ["--input", str(folder / "huge.png")]) == 1
+    printed = capsys.readouterr().out
+    assert "segmented 0 image(s)" in printed
+    assert "  huge.png: 30000 x 30000 = 900.0 M pixels, over the limit of 89.5 M (--max-image-pixels)\n" in printed

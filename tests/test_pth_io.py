@@ -1,4 +1,5 @@
-"""read_pth / write_pth against torch itself: bitwise tensors, torch-loadable output, refused payloads, clear errors."""
+"""read_pth / write_pth against torch itself: bitwise tensors, numpy values, torch-loadable output, refused payloads,
+clear errors."""
 
 import builtins
 import collections
@@ -125,8 +126,24 @@ def test_reads_mmengine_runner_checkpoint(reference_t, tmp_path):
         assert_bitwise_equal(loaded["optimizer"]["state"][1][key], tensor, key)
     history = loaded["message_hub"]["log_scalars"]["train/loss"]
     assert isinstance(history, OpaqueObject) and history.global_name == "mmengine.logging.history_buffer.HistoryBuffer"
-    assert isinstance(loaded["meta"]["lr"], OpaqueObject)
+    assert type(loaded["meta"]["lr"]) is np.float64 and loaded["meta"]["lr"] == 6e-5  # numpy values are rebuilt
     assert loaded["param_schedulers"][0]["end"] == 160000
+
+
+def test_reads_numpy_arrays_saved_with_torch(tmp_path):
+    """A state_dict of numpy arrays (not tensors) saved with torch.save: numpy's own pickling, read without numpy's
+    reconstruction functions being called."""
+    arrays = {
+        "kernel": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        "scalar": np.int64(3),
+        "names": np.array(["a"]),
+    }
+    torch.save(arrays, tmp_path / "numpy.pth")
+    loaded = read_pth(tmp_path / "numpy.pth")
+    assert type(loaded["kernel"]) is np.ndarray and np.array_equal(loaded["kernel"], arrays["kernel"])
+    assert loaded["kernel"].dtype == np.float32 and loaded["kernel"].flags.writeable
+    assert type(loaded["scalar"]) is np.int64 and loaded["scalar"] == 3
+    assert isinstance(loaded["names"], OpaqueObject)  # strings: an inert record
 
 
 class Payload:
@@ -208,7 +225,8 @@ def test_files_of_other_types(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "image.png")
     (tmp_path / "notes.txt").write_text("mscan_t weights are on the cloud drive\n")
     (tmp_path / "empty.pth").write_bytes(b"")
-    for name in ("image.png", "notes.txt", "empty.pth"):
+    (tmp_path / "random.pth").write_bytes(np.random.RandomState(0).bytes(1000))
+    for name in ("image.png", "notes.txt", "empty.pth", "random.pth"):
         with pytest.raises(CheckpointFormatError, match=f"^{tmp_path / name}: not a PyTorch checkpoint"):
             read_pth(tmp_path / name)
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as zf:

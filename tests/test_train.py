@@ -6,6 +6,7 @@ jitted step is shared by every test of this module that uses the 8-device mesh (
 
 import json
 import os
+import pathlib
 import re
 import runpy
 import socket
@@ -62,7 +63,9 @@ def tiny_variant():
 def uninterrupted(tmp_path_factory):
     """A complete run: (workdir, its final validation results)."""
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    return workdir, train.train(tiny_config(), workdir)
+    config = tiny_config()
+    config.train.profile_steps = (2, 3)  # tracing changes nothing computed
+    return workdir, train.train(config, workdir)
 
 
 def _arrays(tree) -> dict[str, np.ndarray]:
@@ -126,6 +129,7 @@ def test_sharded_step_equals_single_device_step():
         batch = sharding.global_batch(host_batch, mesh)
         assert batch["image"].sharding.num_devices == mesh.devices.size
         state, metrics = train.train_step(state, batch, 0, graphdef=graphdef, mesh=mesh, **static)
+        assert bool(metrics["finite"])
         assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
         results.append((float(metrics["loss"]), state))
     (loss8, state8), (loss1, state1) = results
@@ -140,6 +144,21 @@ def test_sharded_step_equals_single_device_step():
     for got, want in zip(grads8, grads1):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
     _assert_same_leaves(_arrays(state8["model"]), _arrays(state1["model"]), rtol=1e-5, atol=1e-6)  # after the step
+
+
+def test_a_non_finite_step_leaves_the_state_as_it_was():
+    """A NaN pixel makes the loss and every gradient NaN: the step reports it and changes no parameter, statistic or
+    optimiser moment (the host then stops or skips, config.train.on_nonfinite)."""
+    config = tiny_config()
+    mesh = sharding.make_mesh()
+    graphdef, state = train.init_state(config, mesh)
+    before = _arrays(state)
+    host_batch = next(iter(train.make_train_data(config)))
+    host_batch["image"][0, 0, 0, 0] = np.nan
+    static = {"graphdef": graphdef, "config": ml_collections.FrozenConfigDict(config), "mesh": mesh}
+    state, metrics = train.train_step(state, sharding.global_batch(host_batch, mesh), 0, **static)
+    assert not bool(metrics["finite"]) and np.isnan(float(metrics["loss"]))
+    _assert_same_leaves(_arrays(state), before, rtol=0, atol=0)
 
 
 class StopAfter:
@@ -177,6 +196,8 @@ def test_run_writes_checkpoints_evaluation_and_tensorboard(uninterrupted):
     assert len(images) == 2
     height, width = images[0][0][1].image.height, images[0][0][1].image.width
     assert (height, width) == (128, 3 * 128)  # image | ground truth | prediction at the demo images' size
+    traces = list(pathlib.Path(workdir, "profile").rglob("*.xplane.pb"))  # config.train.profile_steps
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
 
 
 def _train_on_two_hosts_batches(config: ml_collections.ConfigDict) -> list[np.ndarray]:

@@ -1,6 +1,7 @@
 """PyTorch SegNeXt / MSCAN checkpoints to Flax and back."""
 
 from weights_conversion.convert import (
+    CHECKPOINT_ERRORS,
     PytorchCheckpoint,
     export_pytorch_state_dict,
     fill_model,
@@ -13,6 +14,7 @@ from weights_conversion.mapping import StateDictMismatch
 from weights_conversion.pth_io import CheckpointFormatError, UnsafeCheckpointError
 
 __all__ = [
+    "CHECKPOINT_ERRORS",
     "CheckpointFormatError",
     "PytorchCheckpoint",
     "StateDictMismatch",

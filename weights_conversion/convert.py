@@ -1,7 +1,8 @@
 """PyTorch checkpoints into SegNeXt models, and SegNeXt models out to PyTorch (mmseg naming).
 
-Reading goes file -> `read_pth` (no torch, no pickled code run) -> `extract_state_dict` / `normalize_keys` (one
-mmseg-named form for every published layout) -> `detect_architecture` -> the strict key<->path rule of `mapping`.
+Reading goes file (a `.pth`, or a JSeg `.pkl`) -> `read_checkpoint` (no torch, no pickled code run) ->
+`extract_state_dict` / `normalize_keys` (one mmseg-named form for every published layout) -> `detect_architecture` ->
+the strict key<->path rule of `mapping`.
 Notes on what was changed on the way (dropped ImageNet head, renamed official keys, re-initialised classifier) are
 logged at INFO on the `weights_conversion` logger.
 """
@@ -17,12 +18,28 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from segnext_jax import models
+from segnext_jax import checkpoints, models
 from weights_conversion.layouts import detect_architecture, extract_state_dict, normalize_keys
-from weights_conversion.mapping import export_state_dict, load_state_dict, model_tensors, to_reference_layout
-from weights_conversion.pth_io import read_pth, write_pth
+from weights_conversion.mapping import (
+    StateDictMismatch,
+    export_state_dict,
+    load_state_dict,
+    model_tensors,
+    to_reference_layout,
+)
+from weights_conversion.pth_io import CheckpointFormatError, UnsafeCheckpointError, read_checkpoint, write_pth
 
 logger = logging.getLogger("weights_conversion")
+
+# What a bad input checkpoint raises (reading or loading it, .pth or orbax): command lines print these as one line.
+# Anything else (a TypeError or ValueError from inside the conversion, say) is a bug and keeps its traceback.
+CHECKPOINT_ERRORS = (
+    CheckpointFormatError,
+    UnsafeCheckpointError,
+    StateDictMismatch,
+    checkpoints.DamagedCheckpointError,
+    checkpoints.CheckpointMismatchError,
+)
 
 _BACKBONE = "backbone."
 _CONV_SEG = "decode_head.conv_seg."
@@ -40,18 +57,24 @@ class PytorchCheckpoint:
 
 
 def read_pytorch_checkpoint(path_or_state_dict: str | Path | Mapping[str, Any]) -> PytorchCheckpoint:
-    """Reads a `.pth` file (or an already loaded checkpoint / state_dict of numpy arrays) of any published layout.
+    """Reads a `.pth` or JSeg `.pkl` file (or an already loaded checkpoint / state_dict of numpy arrays) of any
+    published layout.
 
     Layouts: a bare state_dict or one under 'state_dict' / 'model', `module.` prefixes, backbone-only (ImageNet)
     or full segmentor, official (`mlp.dwconv.dwconv.*`) or mmseg naming. Variant and classes come from the shapes.
-    A state_dict of torch tensors converts with `{k: v.numpy() for k, v in sd.items()}`.
+    A state_dict of torch tensors converts with `{k: v.numpy() for k, v in sd.items()}`. A file or state_dict
+    that is none of these raises `CheckpointFormatError` (`UnsafeCheckpointError` for a pickle naming code).
     """
     if isinstance(path_or_state_dict, (str, Path)):
-        source, raw = str(path_or_state_dict), read_pth(path_or_state_dict)
+        source, raw = str(path_or_state_dict), read_checkpoint(path_or_state_dict)
     else:
         source, raw = "state_dict", path_or_state_dict
-    state, notes = normalize_keys(extract_state_dict(raw, source))
-    variant, num_classes, has_head = detect_architecture(state)
+    state = extract_state_dict(raw, source)
+    try:
+        state, notes = normalize_keys(state)
+        variant, num_classes, has_head = detect_architecture(state)
+    except CheckpointFormatError as e:
+        raise CheckpointFormatError(f"{source}: {e}") from None
     for note in notes:
         logger.info("%s: %s", source, note)
     return PytorchCheckpoint(source, state, variant, num_classes, has_head)
@@ -71,9 +94,9 @@ def model_architecture(model: nnx.Module) -> tuple[str, int | None]:
 
 
 def require_variant(checkpoint: PytorchCheckpoint, variant: str) -> None:
-    """Raises a ValueError naming both variants unless the checkpoint is of `variant`."""
+    """Raises StateDictMismatch naming both variants unless the checkpoint is of `variant`."""
     if checkpoint.variant != variant:
-        raise ValueError(
+        raise StateDictMismatch(
             f"{checkpoint.source}: a SegNeXt-{checkpoint.variant.upper()} checkpoint cannot fill a "
             f"SegNeXt-{variant.upper()} model: use variant {checkpoint.variant!r}, or let the variant be detected"
         )
@@ -82,12 +105,12 @@ def require_variant(checkpoint: PytorchCheckpoint, variant: str) -> None:
 def replaces_classifier(checkpoint: PytorchCheckpoint, num_classes: int, reinit_head: bool) -> bool:
     """Whether a model with `num_classes` must keep its own classifier: the checkpoint's has other classes.
 
-    That is refused (ValueError) unless `reinit_head`: fine-tuning on a new dataset is the only reason for it.
+    That is refused (StateDictMismatch) unless `reinit_head`: fine-tuning on a new dataset is the only reason for it.
     """
     if not checkpoint.has_head or checkpoint.num_classes in (None, num_classes):
         return False
     if not reinit_head:
-        raise ValueError(
+        raise StateDictMismatch(
             f"{checkpoint.source}: the checkpoint's decode head has {checkpoint.num_classes} classes, the model "
             f"{num_classes}: pass reinit_head=True (CLI: --reinit-head) to re-initialise decode_head.conv_seg "
             "for fine-tuning on a new dataset"
@@ -107,13 +130,14 @@ def fill_model(model: nnx.Module, checkpoint: PytorchCheckpoint, *, reinit_head:
     variant, num_classes = model_architecture(model)
     require_variant(checkpoint, variant)
     if not checkpoint.has_head:
-        loaded = load_state_dict(model.backbone, state, prefix=_BACKBONE)
+        loaded = load_state_dict(model.backbone, state, prefix=_BACKBONE, source=source)
         logger.info("%s: backbone-only checkpoint: the decode head keeps its initialisation", source)
         return loaded
     if not replaces_classifier(checkpoint, num_classes, reinit_head):
-        return load_state_dict(model, state)
+        return load_state_dict(model, state, source=source)
     kept = {k: v for k, v in state.items() if not k.startswith(_CONV_SEG)}
-    loaded = load_state_dict(model, {**kept, **export_state_dict(model.decode_head.conv_seg, prefix=_CONV_SEG)})
+    classifier = export_state_dict(model.decode_head.conv_seg, prefix=_CONV_SEG)
+    loaded = load_state_dict(model, {**kept, **classifier}, source=source)
     logger.info(
         "%s: decode_head.conv_seg re-initialised for %d classes (the checkpoint's has %d)",
         source,
@@ -143,7 +167,7 @@ def load_pytorch_checkpoint(
     if model is None:
         classes = checkpoint.num_classes if num_classes is None else num_classes
         if classes is None:
-            raise ValueError(
+            raise StateDictMismatch(
                 f"{checkpoint.source}: the checkpoint has no classifier (backbone-only): pass num_classes for the "
                 "decode head"
             )

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from segnext_jax.models import VARIANTS
+from weights_conversion.pth_io import CheckpointFormatError
 
 _BACKBONE = "backbone."
 _HEAD = "decode_head."
@@ -27,10 +28,10 @@ def extract_state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
     """The flat state_dict inside a loaded checkpoint `obj`, with `module.` prefixes stripped.
 
     `obj` is a bare state_dict or holds one under 'state_dict' (mmcv/mmengine runners) or 'model'; everything else
-    ('meta', 'optimizer', logs) is ignored. `source` names the checkpoint in errors.
+    ('meta', 'optimizer', logs) is ignored. `source` names the checkpoint in errors (`CheckpointFormatError`).
     """
     if not isinstance(obj, Mapping):
-        raise TypeError(
+        raise CheckpointFormatError(
             f"{source}: expected a dict (a state_dict or a checkpoint holding one), got {type(obj).__name__}"
         )
     container = next((name for name in ("state_dict", "model") if isinstance(obj.get(name), Mapping)), None)
@@ -38,7 +39,7 @@ def extract_state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
     where = f"{source}['{container}']" if container else source
     not_arrays = [str(k) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, np.ndarray))]
     if not_arrays:
-        raise ValueError(
+        raise CheckpointFormatError(
             f"{where}: not a state_dict, these entries are not tensors: {', '.join(not_arrays[:10])}"
             + (f" (+{len(not_arrays) - 10} more)" if len(not_arrays) > 10 else "")
             + "; expected tensors at the top level or under 'state_dict' or 'model'"
@@ -49,10 +50,10 @@ def extract_state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
         while name.startswith("module."):
             name = name[len("module.") :]
         if name in out:
-            raise ValueError(f"{where}: key {key!r} collides with another key once 'module.' is stripped")
+            raise CheckpointFormatError(f"{where}: key {key!r} collides with another key once 'module.' is stripped")
         out[name] = value
     if not out:
-        raise ValueError(f"{where}: the state_dict is empty")
+        raise CheckpointFormatError(f"{where}: the state_dict is empty")
     return out
 
 
@@ -62,6 +63,7 @@ def normalize_keys(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.n
     Drops `num_batches_tracked`; renames official `mlp.dwconv.dwconv.*` to mmseg `mlp.dwconv.*`; a backbone-only
     (ImageNet) checkpoint, recognised by having neither `backbone.` nor `decode_head.` keys, gets the `backbone.`
     prefix and loses its classification head `head.*`. Other keys are passed through for the strict mapping to judge.
+    Raises `CheckpointFormatError` for a block with keys in both namings.
     """
     notes: list[str] = []
     tracked = [k for k in state_dict if k.endswith(".num_batches_tracked")]
@@ -77,7 +79,9 @@ def normalize_keys(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.n
         notes.append("backbone-only (ImageNet) checkpoint: keys prefixed with 'backbone.', no decode head")
     renamed = {k.replace(_OFFICIAL_DWCONV, _MMSEG_DWCONV): v for k, v in state.items()}
     if len(renamed) != len(state):
-        raise ValueError("checkpoint has both official 'mlp.dwconv.dwconv.*' and mmseg 'mlp.dwconv.*' keys for a block")
+        raise CheckpointFormatError(
+            "checkpoint has both official 'mlp.dwconv.dwconv.*' and mmseg 'mlp.dwconv.*' keys for a block"
+        )
     count = sum(_OFFICIAL_DWCONV in k for k in state)
     if count:
         notes.append(f"renamed {count} official-naming keys 'mlp.dwconv.dwconv.*' to mmseg 'mlp.dwconv.*'")
@@ -85,14 +89,21 @@ def normalize_keys(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.n
 
 
 def _out_channels(state_dict: Mapping[str, np.ndarray], key: str) -> int | None:
-    return int(state_dict[key].shape[0]) if key in state_dict else None
+    """Output channels of the convolution kernel `key` (OIHW), None if absent."""
+    if key not in state_dict:
+        return None
+    shape = np.shape(state_dict[key])
+    if len(shape) != 4:
+        raise CheckpointFormatError(f"{key} has shape {shape}, expected 4-D (out, in, kh, kw)")
+    return int(shape[0])
 
 
 def detect_architecture(state_dict: Mapping[str, np.ndarray]) -> tuple[str, int | None, bool]:
     """(variant 't'/'s'/'b'/'l', number of classes or None, whether a decode head is present) from tensor shapes.
 
     Expects `normalize_keys` output. Embedding widths come from the patch embeddings, depths from the block indices,
-    MLP ratios from `fc1`, head width from `decode_head.squeeze`, classes from `decode_head.conv_seg`.
+    MLP ratios from `fc1`, head width from `decode_head.squeeze`, classes from `decode_head.conv_seg`. Raises
+    `CheckpointFormatError` when one of those kernels is not 4-D or no variant matches.
     """
     stem = ["backbone.patch_embed1.proj.3.weight"] + [f"backbone.patch_embed{i}.proj.weight" for i in (2, 3, 4)]
     embed_dims = tuple(_out_channels(state_dict, k) for k in stem)
@@ -117,4 +128,4 @@ def detect_architecture(state_dict: Mapping[str, np.ndarray]) -> tuple[str, int 
     known = "; ".join(
         f"{n}: {v.embed_dims}, {v.depths}, {v.mlp_ratios}, head {v.head_channels}" for n, v in VARIANTS.items()
     )
-    raise ValueError(f"checkpoint matches no SegNeXt variant: found {found}; known variants {known}")
+    raise CheckpointFormatError(f"checkpoint matches no SegNeXt variant: found {found}; known variants {known}")

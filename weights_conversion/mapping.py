@@ -48,15 +48,25 @@ def export_state_dict(model: nnx.Module, prefix: str = "") -> dict[str, np.ndarr
 
 
 class StateDictMismatch(ValueError):
-    """Keys or shapes of a checkpoint do not fit the model."""
+    """A checkpoint does not fit the model: other variant or classes, unmapped or missing keys, other shapes."""
 
 
-def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, prefix: str = "") -> list[str]:
+def _shape_problem(key: str, found: tuple[int, ...], expected: tuple[int, ...], leaf_name: str) -> str:
+    """'KEY has shape FOUND, expected EXPECTED', naming the dimensions (and a kernel's layout) if they differ."""
+    if len(found) == len(expected):
+        return f"{key} has shape {found}, expected {expected}"
+    layout = " (out, in, kh, kw)" if leaf_name == "kernel" else ""
+    return f"{key} has shape {found}, expected {len(expected)}-D{layout} {expected}"
+
+
+def load_state_dict(
+    model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, prefix: str = "", source: str = "state_dict"
+) -> list[str]:
     """Fills `model` from a reference state_dict (mmseg naming), strictly.
 
     Every key under `prefix` must map to a tensor of the model with the same shape, and every tensor of the model
-    must be filled; otherwise StateDictMismatch lists all problems at once and the model is left unchanged.
-    Returns the keys that were loaded.
+    must be filled; otherwise StateDictMismatch (message starting with `source`) lists all problems at once and the
+    model is left unchanged. Returns the keys that were loaded.
     """
     tensors = model_tensors(model)
     problems, updates = [], []
@@ -70,16 +80,17 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, 
             problems.append(f"unexpected key {full_key!r}")
             continue
         path, variable = tensors[key]
-        value = from_reference_layout(str(path[-1]), np.asarray(state_dict[full_key]))
-        if value.shape != variable.get_value().shape:
-            expected = to_reference_layout(str(path[-1]), np.empty(variable.get_value().shape, np.bool_)).shape
-            found = np.shape(state_dict[full_key])
-            problems.append(f"shape mismatch for {full_key!r}: checkpoint {found}, model expects {expected}")
+        leaf_name = str(path[-1])
+        found = tuple(np.shape(state_dict[full_key]))
+        expected = to_reference_layout(leaf_name, np.broadcast_to(np.bool_(0), variable.get_value().shape)).shape
+        if found != expected:  # checked in the reference layout: a kernel that is not 4-D cannot be transposed
+            problems.append(_shape_problem(full_key, found, expected, leaf_name))
             continue
-        updates.append((variable, value))
+        updates.append((variable, from_reference_layout(leaf_name, np.asarray(state_dict[full_key]))))
     problems += [f"missing key {prefix + key!r}" for key in tensors if key not in wanted]
     if problems:
-        raise StateDictMismatch(f"{len(problems)} problem(s) loading the state_dict: " + "; ".join(problems))
+        summary = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+        raise StateDictMismatch(f"{source}: {summary}")
     for variable, value in updates:
         variable.set_value(jax.numpy.asarray(value, dtype=variable.get_value().dtype))
     return sorted(wanted.values())

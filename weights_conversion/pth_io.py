@@ -1,19 +1,30 @@
-"""Reads and writes PyTorch `.pth` files (torch.save's zip format) without torch and without running pickled code.
+"""Reads and writes PyTorch `.pth` files (torch.save's zip format), and reads pickles of numpy arrays such as JSeg's
+`.pkl` (Jittor's `jt.save`), without torch or Jittor and without running pickled code.
 
 A `.pth` is a zip archive `<name>/data.pkl` + `<name>/data/<key>` (raw little-endian storage bytes) + bookkeeping
 records. `data.pkl` is a pickle in which every tensor is a call `torch._utils._rebuild_tensor_v2(storage, offset,
 size, stride, ...)` and every storage a persistent id `('storage', torch.<Type>Storage, key, location, numel)`.
+A Jittor `.pkl` is `pickle.dumps(obj, protocol=4)` of a dict whose tensors are numpy arrays (`jt.save` converts its
+Vars first), followed by the pickle's SHA-1 digest (20 bytes) and the marker b'HCAJSLHD'. A numpy array pickles as
+`numpy._core.multiarray._reconstruct(numpy.ndarray, (0,), b'b')` whose state (shape, `numpy.dtype(...)`, Fortran
+order, raw bytes) comes in a BUILD opcode, or, in protocol 5, as `numpy._core.numeric._frombuffer(bytes, dtype,
+shape, order)`; a numpy scalar as `numpy._core.multiarray.scalar(dtype, bytes)` (`numpy.core` before numpy 2).
 Reading runs the pickle through an unpickler whose `find_class` hands out only our own stand-ins for those few globals
 (plus containers), so no function or class named by the file is ever imported or called: a file naming anything else
-is refused. Writing emits those same opcodes by hand, so `torch.load(weights_only=True)` accepts the result.
+is refused. The numpy stand-ins only record their arguments; afterwards arrays of plain numbers (bool, integer,
+float, complex) are built from the recorded bytes with `np.frombuffer`. Writing emits the `.pth` opcodes by hand, so
+`torch.load(weights_only=True)` accepts the result.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import io
+import math
 import pickle
+import re
 import struct
 import sys
 import zipfile
@@ -38,28 +49,38 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
     "BoolStorage": np.dtype(np.bool_),
 }
 
-# Data-only classes that training frameworks put in the parts of a checkpoint we ignore (mmengine's message hub logs
-# and numpy values in `meta`). They become inert `OpaqueObject` records: nothing of theirs is imported or run.
+# numpy arrays, scalars and dtypes as pickles store them (`numpy.core` before numpy 2, `numpy._core` since).
+_NUMPY_ARRAY = frozenset({"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"})
+_NUMPY_FROMBUFFER = frozenset({"numpy.core.numeric._frombuffer", "numpy._core.numeric._frombuffer"})
+_NUMPY_SCALAR = frozenset({"numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"})
+_NUMPY_DTYPE = "numpy.dtype"
+_NUMBER_DTYPE = re.compile(r"[biufc][0-9]{1,2}")  # bool, (unsigned) integers, floats, complex: no objects, no fields
+
+# Data-only classes that training frameworks put in the parts of a checkpoint we ignore (mmengine's message hub logs)
+# and numpy's reconstruction functions. They become inert `OpaqueObject` records: nothing of theirs is imported or
+# run. Records of numpy arrays and scalars of plain numbers are then turned into numpy values (`_numpy_values`).
 _OPAQUE_GLOBALS = frozenset(
     {
         "mmengine.logging.history_buffer.HistoryBuffer",
-        "numpy.dtype",
+        _NUMPY_DTYPE,
         "numpy.ndarray",
-        "numpy.core.multiarray._reconstruct",
-        "numpy.core.multiarray.scalar",
-        "numpy._core.multiarray._reconstruct",
-        "numpy._core.multiarray.scalar",
+        *_NUMPY_ARRAY,
+        *_NUMPY_FROMBUFFER,
+        *_NUMPY_SCALAR,
     }
 )
 
 _ZIP_MAGIC = b"PK\x03\x04"
+_JITTOR_MARKER = b"HCAJSLHD"  # after the SHA-1 digest (20 bytes) of the pickle that precedes them
+_SHA1_SIZE = 20
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _ALIGNMENT = 64  # torch aligns storage records to 64 bytes (needed by torch.load(mmap=True))
 _ARCHIVE = "archive"
 
 
 class CheckpointFormatError(ValueError):
-    """The file is not a readable zip-format `torch.save` checkpoint (truncated, legacy format, another file type)."""
+    """A bad input checkpoint: not a readable zip-format `torch.save` file (truncated, legacy format, another file
+    type), or no SegNeXt state_dict in it (no tensors, a tensor of the wrong number of dimensions, another model)."""
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -101,6 +122,13 @@ def _latin1_encode(text: str, encoding: str) -> bytes:
     if encoding != "latin1":
         raise UnsafeCheckpointError(f"_codecs.encode with encoding {encoding!r} is not allowed in a checkpoint")
     return text.encode("latin1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """`bytes()` as protocol-2 pickles store an empty `bytes` (the raw data of an empty numpy array)."""
+    if args:
+        raise UnsafeCheckpointError(f"builtins.bytes{args!r} is not allowed in a checkpoint (only bytes())")
+    return b""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +198,7 @@ _SAFE_GLOBALS: dict[str, Callable[..., Any]] = {
     "builtins.complex": complex,
     "builtins.getattr": _opaque_getattr,
     "_codecs.encode": _latin1_encode,
+    "builtins.bytes": _empty_bytes,
 }
 
 
@@ -216,17 +245,113 @@ def _sniff_error(path: str, head: bytes) -> CheckpointFormatError:
             f"{path}: zip archive without its directory: the file is truncated, download again"
         )
     return CheckpointFormatError(
-        f"{path}: not a PyTorch checkpoint (starts with {head[:8]!r}); expected a zip archive written by torch.save"
+        f"{path}: not a PyTorch checkpoint (starts with {head[:8]!r}); expected a zip archive written by torch.save, "
+        "or a pickle of numpy arrays (a JSeg .pkl)"
     )
+
+
+def _numpy_dtype(record: Any) -> np.dtype | None:
+    """The dtype a `numpy.dtype(name, align, copy)` record (with its BUILD state) stands for, if it is one of plain
+    numbers; else None."""
+    if not (isinstance(record, OpaqueObject) and record.global_name == _NUMPY_DTYPE and record.args):
+        return None
+    name, state, order = record.args[0], record.state, "|"
+    if not (isinstance(name, str) and _NUMBER_DTYPE.fullmatch(name)):
+        return None
+    if state is not None:  # (version, byte order, subarray, names, fields, ...): none of the last three for numbers
+        if not (isinstance(state, tuple) and len(state) >= 5 and state[2:5] == (None, None, None)):
+            return None
+        order = state[1]
+    if order not in ("<", ">", "|", "="):
+        return None
+    try:
+        dtype = np.dtype(name)
+    except TypeError:  # e.g. 'i16': no such type
+        return None
+    return dtype.newbyteorder(order) if order in "<>" else dtype
+
+
+def _numpy_array(data: Any, dtype: np.dtype | None, shape: Any, order: Any) -> np.ndarray | None:
+    """A native-endian C-ordered copy of the array of `shape` whose raw bytes are `data`; None for a dtype that is
+    not one of plain numbers. CheckpointFormatError when shape, order and size do not fit."""
+    if dtype is None or not isinstance(data, (bytes, bytearray)):
+        return None
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)) or order not in ("C", "F"):
+        raise CheckpointFormatError(f"a numpy array record has an invalid shape {shape!r} or order {order!r}")
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise CheckpointFormatError(
+            f"a numpy array of shape {shape} and dtype {dtype} has {len(data)} bytes, expected "
+            f"{math.prod(shape) * dtype.itemsize}"
+        )
+    array = np.frombuffer(data, dtype).reshape(shape, order=order)
+    return array.astype(dtype.newbyteorder("="), order="C")
+
+
+def _numpy_value(record: OpaqueObject) -> Any:
+    """The numpy array or scalar that a record of numpy's pickling stands for, or the record itself when its dtype is
+    not one of plain numbers (strings, objects, structured dtypes stay inert records)."""
+    name, args, value = record.global_name, record.args, None
+    if name in _NUMPY_ARRAY and args and getattr(args[0], "global_name", "") == "numpy.ndarray":
+        state = record.state  # (version, shape, dtype, is_fortran, raw bytes)
+        if isinstance(state, tuple) and len(state) == 5:
+            _, shape, dtype, fortran, data = state
+            value = _numpy_array(data, _numpy_dtype(dtype), shape, "F" if fortran else "C")
+    elif name in _NUMPY_FROMBUFFER and len(args) == 4:
+        data, dtype, shape, order = args
+        value = _numpy_array(data, _numpy_dtype(dtype), shape, order)
+    elif name in _NUMPY_SCALAR and len(args) == 2:
+        dtype, data = args
+        array = _numpy_array(data, _numpy_dtype(dtype), (), "C")
+        value = None if array is None else array[()]
+    return record if value is None else value
+
+
+def _numpy_values(tree: Any) -> Any:
+    """`tree` with the records of numpy arrays and scalars in its dicts, lists and tuples replaced by numpy values
+    (dicts and lists in place; shared and self-containing containers are visited once)."""
+    numpy_records = _NUMPY_ARRAY | _NUMPY_FROMBUFFER | _NUMPY_SCALAR
+    done: dict[int, Any] = {}
+
+    def convert(obj: Any) -> Any:
+        if id(obj) in done:
+            return done[id(obj)]
+        if isinstance(obj, dict):
+            done[id(obj)] = obj
+            for key, value in obj.items():
+                obj[key] = convert(value)
+        elif isinstance(obj, list):
+            done[id(obj)] = obj
+            obj[:] = [convert(value) for value in obj]
+        elif isinstance(obj, tuple):
+            done[id(obj)] = tuple(convert(value) for value in obj)
+        elif isinstance(obj, OpaqueObject) and obj.global_name in numpy_records:
+            done[id(obj)] = _numpy_value(obj)
+        else:
+            return obj
+        return done[id(obj)]
+
+    return convert(tree)
+
+
+def _unpickle(data: bytes, path: str, read_storage: Callable[[str, np.dtype, int], np.ndarray]) -> Any:
+    """Runs the pickle `data` through the restricted unpickler, then turns numpy records into numpy values."""
+    unpickler = _RestrictedUnpickler(io.BytesIO(data), read_storage)
+    try:
+        return _numpy_values(unpickler.load())
+    except (UnsafeCheckpointError, CheckpointFormatError) as e:
+        raise type(e)(f"{path}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
+        raise CheckpointFormatError(f"{path}: malformed pickle in the checkpoint ({e})") from e
 
 
 def read_pth(path: str | Path) -> Any:
     """The object stored by `torch.save` in `path`, with every tensor as a numpy array (bfloat16 via ml_dtypes).
 
     Tensors are contiguous copies (views of one storage become independent arrays). Only tensors, parameters,
-    storages, dicts/OrderedDicts, lists, tuples, sets, scalars and strings are rebuilt; a few known data-only
-    classes (mmengine logs, numpy values) become inert `OpaqueObject`s; any other global raises
-    `UnsafeCheckpointError` before anything runs. Raises `CheckpointFormatError` for truncated, legacy or foreign files.
+    storages, numpy arrays and scalars of numbers, dicts/OrderedDicts, lists, tuples, sets, scalars and strings are
+    rebuilt; a few known data-only classes (mmengine logs, numpy arrays of strings or objects) become inert
+    `OpaqueObject`s; any other global raises `UnsafeCheckpointError` before anything runs. Raises
+    `CheckpointFormatError` for truncated, legacy or foreign files.
     """
     path = str(path)
     with open(path, "rb") as f:
@@ -257,13 +382,39 @@ def _read_archive(zf: zipfile.ZipFile, path: str) -> Any:
             raise CheckpointFormatError(f"storage {key} has {len(data)} bytes, expected {numel * dtype.itemsize}")
         return np.frombuffer(data, dtype)
 
-    unpickler = _RestrictedUnpickler(io.BytesIO(zf.read(pickles[0])), read_storage)
-    try:
-        return unpickler.load()
-    except (UnsafeCheckpointError, CheckpointFormatError) as e:
-        raise type(e)(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise CheckpointFormatError(f"{path}: malformed pickle in the checkpoint ({e})") from e
+    return _unpickle(zf.read(pickles[0]), path, read_storage)
+
+
+def _no_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+    raise CheckpointFormatError("a torch tensor storage outside a torch.save zip archive")
+
+
+def read_pickle(path: str | Path) -> Any:
+    """The object in a pickle file of numpy arrays: a JSeg `.pkl` written by Jittor's `jt.save` (its SHA-1 digest is
+    checked) or a plain `pickle.dump` (protocols 2 to 5), with the guarantees of `read_pth`: numpy arrays and
+    scalars of numbers, containers, strings and plain scalars are rebuilt, nothing named by the file is imported or
+    run, and any other global raises `UnsafeCheckpointError` before anything runs."""
+    path = str(path)
+    data = Path(path).read_bytes()
+    if data.endswith(_JITTOR_MARKER):
+        end = len(data) - len(_JITTOR_MARKER)
+        data, digest = data[: end - _SHA1_SIZE], data[end - _SHA1_SIZE : end]
+        if hashlib.sha1(data).digest() != digest:
+            raise CheckpointFormatError(
+                f"{path}: corrupt Jittor checkpoint (its SHA-1 checksum does not match); download or save it again"
+            )
+    return _unpickle(data, path, _no_storage)
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """A checkpoint file told apart by its content: a pickle (a JSeg `.pkl`, `read_pickle`) or else a `torch.save`
+    file (`read_pth`, which names what a foreign file looks like)."""
+    path = str(path)
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if head[:1] == pickle.PROTO and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and head != _LEGACY_MAGIC:
+        return read_pickle(path)
+    return read_pth(path)
 
 
 @dataclasses.dataclass

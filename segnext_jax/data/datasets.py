@@ -5,9 +5,24 @@ Layouts are the ones MMSegmentation 1.2.2 prepares (`docs/en/user_guides/2_datas
 directory (recursively) ending in the image suffix, sorted by path, with its label found by swapping the suffix.
 
 `DATASETS[name]` is a `DatasetSpec`; `list_examples(spec, root, split)` lists the image/label pairs of one split.
+
+The `folder` dataset (`FOLDER`) is the user's own data; its spec depends on the root, so `get_spec(name, root)`
+builds it from the folder's class list (`folder_spec`):
+
+    ROOT/images/{train,val}/NAME.{jpg,jpeg,png,bmp,tif,tiff,webp}   (sub-folders allowed)
+    ROOT/masks/{train,val}/NAME.png                                 (matched to the image by NAME)
+    ROOT/classes.txt    one class name a line, in label order
+    or ROOT/classes.json  [{"name": "road", "color": [128, 64, 128]}, ...], or {"classes": [...],
+                          "ignore_color": [r, g, b], "reduce_zero_label": false}
+
+Masks are 8-bit grey or palette PNGs holding class indices (255 = ignore; with reduce_zero_label 0 = unlabelled and
+k = class k-1), or, when classes.json gives every class a colour, RGB(A) PNGs in those colours (the optional
+`ignore_color` marks ignored pixels; any other colour makes the example bad).
 """
 
 import dataclasses
+import functools
+import json
 import os
 from collections.abc import Mapping
 
@@ -47,6 +62,9 @@ class DatasetSpec:
       default_root: where MMSegmentation's configs expect the data (relative to the working directory).
       prepare: how to obtain and convert the data; printed when the root is missing.
       ignore_index: label value excluded from loss and metrics.
+      mask_colors: per class, its colour in RGB masks (the folder dataset with a classes.json giving colours); empty:
+        RGB masks are bad examples.
+      ignore_color: the colour of ignored pixels in RGB masks, or None.
     """
 
     name: str
@@ -62,6 +80,8 @@ class DatasetSpec:
     default_root: str | None
     prepare: str
     ignore_index: int = IGNORE_INDEX
+    mask_colors: tuple[tuple[int, int, int], ...] = ()
+    ignore_color: tuple[int, int, int] | None = None
 
     @property
     def test_scale(self) -> tuple[int, int]:
@@ -218,11 +238,155 @@ DATASETS: Mapping[str, DatasetSpec] = {
 }
 
 
-def get_spec(name: str) -> DatasetSpec:
-    """Returns the spec of dataset `name`, or raises a one-line KeyError listing the known names."""
+FOLDER = "folder"  # the user's own data: see the module docstring and `folder_spec`
+NAMES = (*DATASETS, FOLDER)  # every accepted dataset name (config.data.dataset, the data check's --dataset)
+FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # matched case-insensitively
+FOLDER_MASK_SUFFIX = ".png"
+FOLDER_MAX_CLASSES = 255  # label values are uint8 and 255 is the ignore index
+_FOLDER_PREPARE = (
+    "put the images in ROOT/images/train and ROOT/images/val, their masks (PNG, same name) in ROOT/masks/train and "
+    "ROOT/masks/val, and the class names in ROOT/classes.txt (one a line) or ROOT/classes.json"
+)
+
+
+def get_spec(name: str, root: str | None = None, reduce_zero_label: bool | None = None) -> DatasetSpec:
+    """Returns the spec of dataset `name`, or raises a one-line KeyError listing the known names.
+
+    For `FOLDER` the spec is read from `root` (`folder_spec`; FileNotFoundError or ValueError when it cannot be);
+    `reduce_zero_label` (None: the folder's own setting) applies to it only. Registry datasets ignore `root`.
+    """
+    if name == FOLDER:
+        return folder_spec(root, reduce_zero_label)
     if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}: choose one of {', '.join(sorted(DATASETS))}")
+        raise KeyError(f"unknown dataset {name!r}: choose one of {', '.join(sorted(NAMES))}")
+    if reduce_zero_label is not None and reduce_zero_label != DATASETS[name].reduce_zero_label:
+        raise ValueError(f"reduce_zero_label is fixed for {name} ({DATASETS[name].reduce_zero_label}): leave it unset")
     return DATASETS[name]
+
+
+def folder_spec(root: str | None, reduce_zero_label: bool | None = None) -> DatasetSpec:
+    """The spec of the folder dataset at `root` (see the module docstring), read from its classes.txt or
+    classes.json; cached while that file is unchanged.
+
+    `reduce_zero_label` None takes classes.json's "reduce_zero_label" (default false). Raises FileNotFoundError
+    (no root, no class list) or ValueError (a malformed class list), one line each.
+    """
+    if root is None:
+        raise FileNotFoundError(f"the {FOLDER} dataset needs its root (config.data.root, or --root): {_FOLDER_PREPARE}")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{FOLDER} data not found at {root}: {_FOLDER_PREPARE.replace('ROOT', root)}")
+    found = [path for path in (f"{root}/classes.txt", f"{root}/classes.json") if os.path.isfile(path)]
+    if len(found) != 1:
+        problem = "both classes.txt and classes.json found: keep one" if found else "no classes.txt or classes.json"
+        raise FileNotFoundError(f"{root}: {problem} ({_FOLDER_PREPARE.replace('ROOT', root)})")
+    stat = os.stat(found[0])
+    return _cached_folder_spec(root, found[0], reduce_zero_label, (stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_folder_spec(root: str, classes_file: str, reduce_zero_label: bool | None, stamp: tuple) -> DatasetSpec:
+    """`folder_spec` of one version (`stamp`) of the class list."""
+    if classes_file.endswith(".txt"):
+        names, colors, ignore_color, own_reduce = _read_classes_txt(classes_file), (), None, False
+    else:
+        names, colors, ignore_color, own_reduce = _read_classes_json(classes_file)
+    reduce_zero_label = own_reduce if reduce_zero_label is None else bool(reduce_zero_label)
+    most = FOLDER_MAX_CLASSES - int(reduce_zero_label)
+    if not 2 <= len(names) <= most:
+        raise ValueError(
+            f"{classes_file}: {len(names)} class(es); a folder dataset needs 2 to {most} (e.g. background and object)"
+        )
+    return DatasetSpec(
+        name=FOLDER,
+        num_classes=len(names),
+        class_names=names,
+        palette=colors or default_palette(len(names)),
+        reduce_zero_label=reduce_zero_label,
+        crop_size=(512, 512),  # placeholders: the config's data.crop_size and data.scale are what the pipelines use
+        scale=(2048, 512),
+        splits=_scan_splits("images", "masks", "train", "val"),
+        img_suffix="",  # any of FOLDER_IMAGE_SUFFIXES
+        seg_suffix=FOLDER_MASK_SUFFIX,
+        default_root=None,
+        prepare=_FOLDER_PREPARE,
+        mask_colors=colors,
+        ignore_color=ignore_color,
+    )
+
+
+def _read_classes_txt(path: str) -> tuple[str, ...]:
+    """Class names of a classes.txt: one a line (surrounding spaces and trailing empty lines dropped)."""
+    with open(path, encoding="utf-8-sig") as f:
+        lines = [line.strip() for line in f.read().rstrip().splitlines()]
+    if "" in lines:
+        raise ValueError(f"{path}: line {lines.index('') + 1} is empty: write one class name a line")
+    return _unique_names(lines, path)
+
+
+def _read_classes_json(path: str) -> tuple[tuple[str, ...], tuple, tuple[int, int, int] | None, bool]:
+    """(names, colours (empty when none are given), ignore colour, reduce_zero_label) of a classes.json: a list of
+    classes ({"name": ..., "color": [r, g, b]} or a name), or {"classes": [...], "ignore_color": [r, g, b],
+    "reduce_zero_label": bool}."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            content = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    options = content if isinstance(content, dict) else {"classes": content}
+    unknown = set(options) - {"classes", "ignore_color", "reduce_zero_label"}
+    if unknown or not isinstance(options.get("classes"), list):
+        raise ValueError(
+            f'{path}: expected a list of classes or an object with "classes" (and optionally "ignore_color", '
+            f'"reduce_zero_label"){f"; unknown keys: {sorted(unknown)}" if unknown else ""}'
+        )
+    entries = [{"name": entry} if isinstance(entry, str) else entry for entry in options["classes"]]
+    if not all(isinstance(entry, dict) and isinstance(entry.get("name"), str) for entry in entries):
+        raise ValueError(f'{path}: every class must be a name or {{"name": "...", "color": [r, g, b]}}')
+    names = _unique_names([entry["name"].strip() for entry in entries], path)
+    colors = tuple(_color(entry["color"], path) for entry in entries if "color" in entry)
+    if colors and len(colors) != len(names):
+        raise ValueError(f"{path}: give a color to every class or to none")
+    if len(set(colors)) != len(colors):
+        raise ValueError(f"{path}: two classes have the same color")
+    ignore_color = options.get("ignore_color")
+    ignore_color = None if ignore_color is None else _color(ignore_color, path)
+    if ignore_color is not None and ignore_color in colors:
+        raise ValueError(f"{path}: ignore_color {list(ignore_color)} is also a class color")
+    reduce_zero_label = options.get("reduce_zero_label", False)
+    if not isinstance(reduce_zero_label, bool):
+        raise ValueError(f"{path}: reduce_zero_label must be true or false")
+    return names, colors, ignore_color, reduce_zero_label
+
+
+def _unique_names(names: list[str], path: str) -> tuple[str, ...]:
+    """`names` as a tuple, after checking that none is empty or repeated (metrics are reported by name)."""
+    if "" in names:
+        raise ValueError(f"{path}: class {names.index('') + 1} has an empty name")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}: class names must be unique (repeated: {', '.join(repeated)})")
+    return tuple(names)
+
+
+def _color(value, path: str) -> tuple[int, int, int]:
+    """An [r, g, b] list of 0..255 integers as a tuple."""
+    if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in value)):
+        raise ValueError(f"{path}: color {value!r} is not [r, g, b] with integers 0..255")
+    return tuple(value)
+
+
+def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """The usual colour map of class-index masks (Pascal VOC's: 0 black, 1 dark red, 2 dark green, ...), so that a
+    palette PNG saved with it shows the classes in the same colours as the overlays."""
+    palette = []
+    for index in range(num_classes):
+        rgb, value = [0, 0, 0], index
+        for bit in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((value >> channel) & 1) << (7 - bit)
+            value >>= 3
+        palette.append(tuple(rgb))
+    return tuple(palette)
 
 
 def resolve_root(spec: DatasetSpec, root: str | None) -> str:
@@ -245,6 +409,32 @@ def _scan(directory: str, suffix: str) -> list[str]:
     return found
 
 
+def _folder_files(directory: str, suffixes: tuple[str, ...] | None) -> list[tuple[str, str]]:
+    """(path relative to `directory` without suffix, path) of the files under it ending (in any case) with one of
+    `suffixes` (None: any), sorted by path; hidden files and folders (.DS_Store, ._x.jpg, ...) are left out."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        for filename in filenames:
+            stem, suffix = os.path.splitext(filename)
+            if (suffixes is None or suffix.lower() in suffixes) and not filename.startswith("."):
+                found.append((os.path.relpath(os.path.join(dirpath, stem), directory), os.path.join(dirpath, filename)))
+    return sorted(found, key=lambda pair: pair[1])
+
+
+def _list_folder(spec: DatasetSpec, root: str, split: str) -> list[dict[str, str]]:
+    """The folder dataset's examples of `split`, sorted by image path: each image with the mask of its name."""
+    (part,) = spec.splits[split]
+    img_dir, ann_dir = os.path.join(root, part.img_dir), os.path.join(root, part.ann_dir)
+    if not os.path.isdir(img_dir):
+        raise FileNotFoundError(f"{img_dir} not found: {spec.prepare.replace('ROOT', root)}")
+    masks = dict(_folder_files(ann_dir, (FOLDER_MASK_SUFFIX,)))
+    return [
+        {"image": path, "label": masks.get(name, os.path.join(ann_dir, name + FOLDER_MASK_SUFFIX)), "name": name}
+        for name, path in _folder_files(img_dir, FOLDER_IMAGE_SUFFIXES)
+    ]
+
+
 def list_examples(spec: DatasetSpec, root: str, split: str) -> list[dict[str, str]]:
     """Lists a split as dicts(image=path, label=path, name=image path relative to its directory without suffix).
 
@@ -253,6 +443,8 @@ def list_examples(spec: DatasetSpec, root: str, split: str) -> list[dict[str, st
     """
     if split not in spec.splits:
         raise KeyError(f"{spec.name} has no split {split!r}: choose one of {', '.join(spec.splits)}")
+    if spec.name == FOLDER:
+        return _list_folder(spec, root, split)
     examples = []
     for part in spec.splits[split]:
         img_dir, ann_dir = os.path.join(root, part.img_dir), os.path.join(root, part.ann_dir)
@@ -279,8 +471,12 @@ def list_examples(spec: DatasetSpec, root: str, split: str) -> list[dict[str, st
 
 
 def unmatched_labels(spec: DatasetSpec, root: str, split: str, examples: list[dict[str, str]]) -> list[str]:
-    """Label files of a scanned (split-file-free) split whose image is not listed: data the pipeline never reads."""
+    """Label files of a scanned (split-file-free) split whose image is not listed: data the pipeline never reads
+    (for the folder dataset: any file under its masks folder that no image uses, whatever its suffix)."""
     listed = {example["label"] for example in examples}
+    if spec.name == FOLDER:
+        ann_dir = os.path.join(root, spec.splits[split][0].ann_dir)
+        return [path for _, path in _folder_files(ann_dir, None) if path not in listed]
     unmatched = []
     for part in spec.splits[split]:
         ann_dir = os.path.join(root, part.ann_dir)
@@ -288,6 +484,16 @@ def unmatched_labels(spec: DatasetSpec, root: str, split: str, examples: list[di
             paths = (os.path.join(ann_dir, rel) for rel in _scan(ann_dir, spec.seg_suffix))
             unmatched += [path for path in paths if path not in listed]
     return sorted(unmatched)
+
+
+def duplicate_names(examples: list[dict[str, str]]) -> list[tuple[str, str]]:
+    """(image, other image) pairs of the folder dataset sharing a name (x.jpg and x.png): both get the mask x.png."""
+    first, pairs = {}, []
+    for example in examples:
+        if example["name"] in first:
+            pairs.append((example["image"], first[example["name"]]))
+        first.setdefault(example["name"], example["image"])
+    return pairs
 
 
 # Cityscapes labelIds (0..33, as in cityscapesscripts' labels.py) that are evaluated, and their trainIds 0..18;

@@ -11,11 +11,18 @@ and iSAID). Labels that are 16-bit ('I;16', 'I'), colour ('RGB', 'RGBA', 'LA') o
 would truncate or mis-read them silently. After `reduce_zero_label` (0 -> 255, k -> k-1), every value must be a
 class index or the ignore index 255, and the label must have the image's height and width.
 
-A bad example raises `BadExampleError` whose message is `path: reason`.
+Images and labels larger than `max_image_pixels` (width x height; default PIL's decompression-bomb limit) are bad
+examples, found from the file's header before anything is decoded (a PNG of 30000 x 30000 zeros is under 1 MB but
+decodes to 900 M pixels). Formats that PIL cannot read are left to OpenCV, which has its own limit (2^30 pixels).
+The pipelines pass the limit inside the record (`with_size_limit`), so that it reaches the loader from any source.
+
+A bad example raises `BadExampleError` whose message is the one line `path: reason`.
 """
 
 import io
 import os
+import threading
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,12 +31,17 @@ from PIL import Image
 from segnext_jax.data.datasets import DatasetSpec
 
 _ACCEPTED_LABEL_MODES = ("L", "P")
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS (it warns above, raises above twice)
+LIMIT_SETTING = "config.data.max_image_pixels"  # where users change the limit, named in the reports
+_PIL_LIMIT_LOCK = threading.Lock()  # guards the switching off of PIL's process-wide size check
 
 
 class BadExampleError(ValueError):
-    """An unusable image/label pair; `str(error)` is the report line `path: reason`."""
+    """An unusable image/label pair; `str(error)` is the report line `path: reason` (whitespace runs in the reason,
+    e.g. newlines of a library's message, become single spaces)."""
 
     def __init__(self, path: str, reason: str):
+        reason = " ".join(str(reason).split())
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
@@ -64,33 +76,80 @@ def _truncation(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, path: str) -> np.ndarray:
-    """Decodes image bytes to uint8 RGB (H, W, 3) as MMSegmentation's loader would, or raises BadExampleError."""
-    if not data:
-        raise BadExampleError(path, "empty file")
-    truncation = _truncation(data)
-    if truncation:
-        raise BadExampleError(path, truncation)
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise BadExampleError(path, "not a decodable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+def _open_header(data: bytes) -> Image.Image:
+    """PIL's lazy `Image.open` (reads the header only) with PIL's own size check off, so that the size of a huge
+    file can be read: PIL would raise DecompressionBombError above twice its limit, and warn above it (an exception
+    under `python -W error`). Our check (`check_size`) comes next, before any decoding."""
+    with _PIL_LIMIT_LOCK:
+        pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
 
 
-def decode_label(data: bytes, path: str) -> np.ndarray:
-    """Decodes label bytes to their stored uint8 values (H, W), or raises BadExampleError for bad files/modes."""
+def _millions(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} M" if pixels >= 1_000_000 else f"{pixels:,}"
+
+
+def check_size(width: int, height: int, path: str, max_image_pixels: int, setting: str = LIMIT_SETTING) -> None:
+    """Raises BadExampleError when width x height exceeds `max_image_pixels`; the reason names `setting`."""
+    if width * height > max_image_pixels:
+        raise BadExampleError(
+            path,
+            f"{width} x {height} = {_millions(width * height)} pixels, over the limit of "
+            f"{_millions(max_image_pixels)} ({setting})",
+        )
+
+
+def decode_image(
+    data: bytes, path: str, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, setting: str = LIMIT_SETTING
+) -> np.ndarray:
+    """Decodes image bytes to uint8 RGB (H, W, 3) as MMSegmentation's loader would, or raises BadExampleError
+    (also for an image over `max_image_pixels`, seen from its header; `setting` names the limit in the report)."""
     if not data:
         raise BadExampleError(path, "empty file")
     truncation = _truncation(data)
     if truncation:
         raise BadExampleError(path, truncation)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _open_header(data) as image:
+            size = image.size
+    except (OSError, ValueError, SyntaxError):  # a format PIL cannot read: OpenCV decides, as for any image
+        size = None
+    if size is not None:
+        check_size(*size, path, max_image_pixels, setting)
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as error:  # e.g. OpenCV's own size limit
+        raise BadExampleError(path, f"not a decodable image (OpenCV: {error.err})") from None
+    if bgr is None:
+        raise BadExampleError(path, "not a decodable image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def decode_label(
+    data: bytes, path: str, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, setting: str = LIMIT_SETTING
+) -> np.ndarray:
+    """Decodes label bytes to their stored uint8 values (H, W), or raises BadExampleError for bad files/modes and
+    for a label over `max_image_pixels` (seen from its header, before decoding)."""
+    if not data:
+        raise BadExampleError(path, "empty file")
+    truncation = _truncation(data)
+    if truncation:
+        raise BadExampleError(path, truncation)
+    try:
+        image = _open_header(data)
+    except (OSError, ValueError, SyntaxError) as error:
+        raise BadExampleError(path, f"not a decodable label image ({error})") from None
+    with image:
+        check_size(*image.size, path, max_image_pixels, setting)
+        try:  # PIL checks some formats' tiles against its own limit while decoding (when ours is higher)
             image.load()
             mode = image.mode
             values = np.asarray(image)
-    except (OSError, ValueError, SyntaxError) as error:
-        raise BadExampleError(path, f"not a decodable label image ({error})") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise BadExampleError(path, f"not a decodable label image ({err})") from None
     if mode not in _ACCEPTED_LABEL_MODES:
         kind = "16/32-bit" if mode.startswith("I") or mode == "F" else "colour" if len(mode) > 1 else "1-bit"
         raise BadExampleError(
@@ -118,11 +177,18 @@ def validate_label(label: np.ndarray, spec: DatasetSpec, path: str) -> None:
         )
 
 
+def with_size_limit(record: Any, max_image_pixels: int) -> Any:
+    """`record` carrying the size limit for `load_example` / `find_problems` (a copy of a file or TFDS record; the
+    generated demo records, indices of 128 x 128 scenes, are returned unchanged)."""
+    return dict(record, max_image_pixels=int(max_image_pixels)) if isinstance(record, dict) else record
+
+
 def _decoded(record: dict, key: str) -> tuple[np.ndarray, str]:
-    """(decoded array, path for reports) of record[key], 'image' or 'label'."""
+    """(decoded array, path for reports) of record[key], 'image' or 'label', within the record's size limit."""
     description = record.get(f"{key}_path", f"{record['name']} ({key})")
     data, path = read_bytes(record[key], description)
-    return (decode_image if key == "image" else decode_label)(data, path), path
+    limit = record.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    return (decode_image if key == "image" else decode_label)(data, path, max_image_pixels=limit), path
 
 
 def _paired_label(
@@ -143,7 +209,7 @@ def _paired_label(
 
 def load_example(record: dict, spec: DatasetSpec) -> dict[str, np.ndarray | str]:
     """Loads and validates one record: dict(image, label) as file paths or encoded bytes, and name (optionally
-    image_path / label_path naming byte contents in reports).
+    image_path / label_path naming byte contents in reports, and max_image_pixels, see `with_size_limit`).
 
     Returns dict(image=uint8 RGB (H, W, 3), label=uint8 (H, W) with reduce_zero_label applied, name=str), or raises
     BadExampleError naming the offending file.

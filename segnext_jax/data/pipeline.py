@@ -15,8 +15,10 @@ depends on num_workers (never an example's augmentation). The iterator is checkp
 `set_state()`, or `grain.checkpoint.CheckpointSave/Restore` in an orbax `Composite`): a restored iterator yields
 exactly the batches the uninterrupted one would have, and its `num_skipped` count continues.
 
-Bad examples (see `loading`): with bad_example='skip' they are left out, logged (`path: reason`) and counted in
-`iterator.num_skipped`; with 'stop' the first one raises `BadDataError` carrying the report.
+Bad examples (see `loading`; images and labels over `max_image_pixels` included): with bad_example='skip' they are
+left out, logged (`path: reason`) and counted in `iterator.num_skipped`; with 'stop' the first one raises
+`BadDataError` whose message is one line, `bad training example (bad_example='stop'): path: reason`. It reaches the
+caller as BadDataError with that message whether the examples are loaded in this process or in prefetch workers.
 
 Evaluation (`make_eval_dataset`) yields examples one at a time, in listing order: dict(image=float32 (H', W', 3)
 normalised and keep-ratio resized to `test_scale` (NOT padded: the inference code pads to a multiple of 32 or
@@ -37,13 +39,14 @@ BAD_EXAMPLE_POLICIES = ("skip", "stop")
 
 
 class BadDataError(RuntimeError):
-    """A bad example met with bad_example='stop' (the message is the `path: reason` report)."""
+    """A bad example met with bad_example='stop', or in evaluation; the message is one line ending with the
+    `path: reason` report (print it, no traceback needed)."""
 
 
-def _train_example(record: Any, rng: np.random.Generator, *, load, **transform_kwargs) -> dict:
+def _train_example(record: Any, rng: np.random.Generator, *, load, max_image_pixels: int, **transform_kwargs) -> dict:
     """Loads and augments one record; a bad one becomes dict(error=report) for the batcher to skip or stop on."""
     try:
-        example = load(record)
+        example = load(loading.with_size_limit(record, max_image_pixels))
     except loading.BadExampleError as error:
         return {"error": str(error)}
     image, label = transforms.train_transform(example["image"], example["label"], rng, **transform_kwargs)
@@ -133,12 +136,14 @@ def make_train_dataset(
     seed: int,
     num_workers: int,
     bad_example: str = "skip",
+    max_image_pixels: int = loading.DEFAULT_MAX_IMAGE_PIXELS,
     source: str = "files",
     split: str = "train",
     process_index: int | None = None,
     process_count: int | None = None,
     read_threads: int = 2,
     worker_buffer_size: int = 2,
+    reduce_zero_label: bool | None = None,
 ) -> grain.IterDataset:
     """Infinite training batches of this host: dict(image=float32 (B_host, h, w, 3) normalised RGB, label=int32
     (B_host, h, w), 255 = ignore), (h, w) = crop_size, B_host = global_batch_size // process_count.
@@ -151,9 +156,12 @@ def make_train_dataset(
       seed: seeds the per-epoch shuffle and every augmentation.
       num_workers: prefetch processes per host (0: in this process, with `read_threads` threads).
       bad_example: 'skip' (log, count in `iterator.num_skipped`, go on) or 'stop' (raise BadDataError).
+      max_image_pixels: images and labels with more pixels (width x height, read from the file's header) are bad
+        examples (config.data.max_image_pixels).
       process_index, process_count: this host's shard (default: jax.process_index() / jax.process_count()).
       read_threads: threads loading examples in each worker (or in this process).
       worker_buffer_size: batches each worker prepares ahead.
+      reduce_zero_label: the folder dataset's setting (None: its own; see `sources.open_source`).
     """
     if bad_example not in BAD_EXAMPLE_POLICIES:
         raise ValueError(f"bad_example={bad_example!r}: choose one of {', '.join(BAD_EXAMPLE_POLICIES)}")
@@ -162,12 +170,13 @@ def make_train_dataset(
     if global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
     host_batch_size = global_batch_size // process_count
-    data = sources.open_source(name, root, split, source)
+    data = sources.open_source(name, root, split, source, reduce_zero_label)
     if not len(data.records):
         raise ValueError(f"{name} split {split} under {root} has no examples")
     augment = functools.partial(
         _train_example,
         load=data.load,
+        max_image_pixels=max_image_pixels,
         crop_size=tuple(crop_size),
         scale=tuple(scale),
         ratio_range=tuple(ratio_range),
@@ -186,10 +195,10 @@ def make_train_dataset(
     return _TrainDataset(it_ds)
 
 
-def _eval_example(record: Any, *, load, test_scale: tuple[int, int]) -> dict:
+def _eval_example(record: Any, *, load, test_scale: tuple[int, int], max_image_pixels: int) -> dict:
     """Loads one record and applies the evaluation transform; a bad one raises BadDataError."""
     try:
-        example = load(record)
+        example = load(loading.with_size_limit(record, max_image_pixels))
     except loading.BadExampleError as error:
         raise BadDataError(f"bad evaluation example: {error}") from None
     image = transforms.eval_transform(example["image"], test_scale)
@@ -207,17 +216,22 @@ def make_eval_dataset(
     process_count: int = 1,
     read_threads: int = 2,
     prefetch: int = 4,
+    max_image_pixels: int = loading.DEFAULT_MAX_IMAGE_PIXELS,
+    reduce_zero_label: bool | None = None,
 ) -> grain.IterDataset:
     """Evaluation examples one at a time: dict(image=float32 (H', W', 3) normalised, keep-ratio resized to
     `test_scale`, unpadded; label=int32 (H, W) original size, reduce_zero_label applied, 255 = ignore; name=str).
 
-    A bad example raises BadDataError (run `python -m segnext_jax.data.check` first). By default every host reads
-    the whole split; pass process_index/process_count to read a 1/process_count share and sum the confusion
-    matrices across hosts. `prefetch` examples are decoded ahead by `read_threads` threads.
+    A bad example (one over `max_image_pixels` included) raises BadDataError (run `python -m segnext_jax.data.check`
+    first). By default every host reads the whole split; pass process_index/process_count to read a 1/process_count
+    share and sum the confusion matrices across hosts. `prefetch` examples are decoded ahead by `read_threads`
+    threads. `reduce_zero_label`: the folder dataset's setting (None: its own).
     """
-    data = sources.open_source(name, root, split, source)
+    data = sources.open_source(name, root, split, source, reduce_zero_label)
     ds = grain.MapDataset.source(data.records).map(
-        functools.partial(_eval_example, load=data.load, test_scale=tuple(test_scale))
+        functools.partial(
+            _eval_example, load=data.load, test_scale=tuple(test_scale), max_image_pixels=max_image_pixels
+        )
     )
     ds = ds[process_index::process_count]
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))

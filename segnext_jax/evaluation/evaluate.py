@@ -6,7 +6,8 @@ optional flip, whole-image (padded to a multiple of 32) or sliding-window infere
 size; the prediction is the argmax of the averaged class probabilities. Image i of the split draws its NMF bases
 from `fold_in(key(config.eval.seed), i)`, so a checkpoint's score is repeatable whatever the batching or the number
 of hosts. With several processes each evaluates every process_count-th image on its own first device and the
-confusion matrices are summed.
+confusion matrices are summed. A bad example (see `segnext_jax.data.loading`; images and labels over
+`config.data.max_image_pixels` included) ends the evaluation with a one-line `pipeline.BadDataError`.
 
 Outputs: the metrics (fractions, NaN for a class absent from ground truth and prediction),
 WORKDIR/eval/step_<N>.json (NaN written as null), a log summary with per-class IoU and accuracy, and for the first
@@ -33,14 +34,19 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tensorboardX import SummaryWriter
 
-from segnext_jax.data import datasets, sources
+from segnext_jax.data import loading, pipeline, sources
 from segnext_jax.evaluation import inference, metrics
 
 OVERLAY_ALPHA = 0.5  # weight of the class colour over the image in the overlays
 
 
-def _load(index: int, source: sources.Source) -> dict[str, Any]:
-    return dict(source.load(source.records[index]), index=index)
+def _load(index: int, source: sources.Source, max_image_pixels: int) -> dict[str, Any]:
+    """Example `index` of the split with its index; a bad one raises a one-line BadDataError."""
+    try:
+        example = source.load(loading.with_size_limit(source.records[index], max_image_pixels))
+    except loading.BadExampleError as error:
+        raise pipeline.BadDataError(f"bad evaluation example: {error}") from None
+    return dict(example, index=index)
 
 
 def _batches(examples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
@@ -114,12 +120,17 @@ def evaluate(
     Every process calls it (each with its own copy of the model). Process 0 logs the results and, given `workdir`,
     writes WORKDIR/eval/step_<step>.json and the overlay PNGs; given `writer`, adds them to TensorBoard at `step`.
     """
-    spec = datasets.get_spec(config.data.dataset)
-    source = sources.open_source(config.data.dataset, config.data.root, split, config.data.source)
+    source = sources.open_source(
+        config.data.dataset, config.data.root, split, config.data.source, config.data.get("reduce_zero_label")
+    )
+    spec = source.spec  # the folder dataset's spec is read from its root
     palette = np.asarray(spec.palette, np.uint8)
     batch_size = config.eval.batch_size
     shard = range(jax.process_index(), len(source.records), jax.process_count())
-    examples = grain.MapDataset.source(shard).map(functools.partial(_load, source=source))
+    max_image_pixels = config.data.get("max_image_pixels", loading.DEFAULT_MAX_IMAGE_PIXELS)
+    examples = grain.MapDataset.source(shard).map(
+        functools.partial(_load, source=source, max_image_pixels=max_image_pixels)
+    )
     read_options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=2 * batch_size)
     started = time.perf_counter()
     logging.info("evaluating step %d on %d %s images of %s", step, len(source.records), split, spec.name)

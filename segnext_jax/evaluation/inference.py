@@ -15,14 +15,21 @@ What mmseg does, and so what this module does (segnext_reference.md §3.4; mmseg
 Randomness: SegNeXt's decoder draws random NMF bases at every call. Here image n of a batch has its own key (the
 n-th of `key`'s per-image keys), network call w of that image uses `fold_in(image key, w)` and augmentation a of
 `infer_multiscale` uses `fold_in(image key, a)` as its image key, so results are repeatable and do not depend on
-the batch an image is in. `nmf_bases` instead gives every call the same bases (as the reference's tests fix them).
+the batch an image is in. `nmf_bases` instead gives every call the same bases (as the reference's tests fix them),
+and so does a model built with `nmf_bases='fixed'` (its stored bases).
 
 The network runs in one jitted function per input shape (jax caches it), with the model in evaluation mode.
+
+`infer_labels` gives the label maps without ever holding full-size (N, H, W, K) scores: each augmentation's logits
+stay at its network input size, and the resize back, the probability average and the argmax run in bands of output
+rows (the scores of each band can be handed on, e.g. appended to a file). Its memory is therefore bounded by the
+network inputs' size (the test scale), not the images'.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import cv2
 import jax
@@ -37,6 +44,7 @@ from segnext_jax.models.layers import resize_bilinear
 MODES = ("whole", "slide")
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the reference's multi-scale test ratios
 SIZE_DIVISOR = 32  # SegNeXt's data_preprocessor test_cfg: inputs padded to a multiple of 32
+BAND_BYTES = 64 * 2**20  # size of the float32 scores of one band of output rows in `infer_labels`
 
 Window = tuple[int, int, int, int]  # (y1, y2, x1, x2)
 
@@ -141,6 +149,8 @@ def _infer(
     """Logits at `output_size` of normalised (N, H, W, 3) `images`; `flip`: the images are flipped copies."""
     slide = _check_mode(mode, crop_size, stride)
     n, h, w, _ = images.shape
+    if nmf_bases is None:
+        nmf_bases = model.fixed_nmf_bases(n)  # a model built with nmf_bases='fixed': its stored bases, every call
     output_size = (h, w) if output_size is None else (int(output_size[0]), int(output_size[1]))
     divisor = size_divisor or 1
     padded = (-(-h // divisor) * divisor, -(-w // divisor) * divisor)
@@ -271,3 +281,81 @@ def infer_multiscale(
         probs = jax.nn.softmax(logits, axis=-1)
         total = probs if total is None else total + probs
     return total / len(augmentations)
+
+
+def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output index of a bilinear resize with align_corners=False (as `resize_bilinear`, PyTorch's rule):
+    the two input indices it interpolates and the weight of the second."""
+    source = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    first = np.minimum(np.floor(source).astype(np.int32), in_size - 1)
+    return first, np.minimum(first + 1, in_size - 1), (source - first).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _band(logits: tuple[jax.Array, ...], taps: tuple[tuple[jax.Array, ...], ...], average_probs: bool):
+    """Scores (N, R, W, K) of R output rows and their argmax (N, R) int32: every augmentation's network-size logits
+    (N, h, w, K) resized bilinearly by its taps (rows, then columns); one augmentation's logits are kept, several
+    augmentations' softmax probabilities averaged."""
+    total = 0.0
+    for x, (row0, row1, row_weight, col0, col1, col_weight) in zip(logits, taps, strict=True):
+        row_weight, col_weight = row_weight[None, :, None, None], col_weight[None, None, :, None]
+        rows = x[:, row0] * (1 - row_weight) + x[:, row1] * row_weight
+        band = rows[:, :, col0] * (1 - col_weight) + rows[:, :, col1] * col_weight
+        total = total + (jax.nn.softmax(band, axis=-1) if average_probs else band)
+    scores = total / len(logits) if average_probs else total
+    return scores, jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def infer_labels(
+    model: nnx.Module,
+    images: np.ndarray,
+    *,
+    scales: tuple[float, ...] = (1.0,),
+    flip: bool = False,
+    key: jax.Array | None = None,
+    on_scores: Callable[[int, np.ndarray], None] | None = None,
+    band_bytes: int = BAND_BYTES,
+    **options,
+) -> np.ndarray:
+    """Label maps (N, H, W) int32 of uint8 RGB `images` (N, H, W, 3) at their own size, in bounded memory.
+
+    With several augmentations (`flip`, or more than one of `scales`) they are the argmax of `infer_multiscale`'s
+    probabilities, else of `infer_augmented_logits(ratio=scales[0])`'s logits, with the same keys (up to float
+    rounding: the resize back is computed by row bands of about `band_bytes` of scores). `on_scores(first_row,
+    scores)`, if given, receives those probabilities or logits band after band, top to bottom, as float32
+    (N, rows, W, K). `options` are `infer_augmented_logits`'s (test_scale, mode, crop_size, stride, size_divisor,
+    nmf_bases), except output_size.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be (N, H, W, 3) uint8 RGB; got {images.dtype} {images.shape}")
+    n, height, width, _ = images.shape
+    keys = image_keys(key, n)
+    augmentations = [(ratio, flipped) for ratio in scales for flipped in ((False, True) if flip else (False,))]
+    average_probs = len(augmentations) > 1
+    logits, row_taps, column_taps = [], [], []
+    for index, (ratio, flipped) in enumerate(augmentations):
+        size = network_input_size(height, width, ratio, options.get("test_scale"))
+        augmentation_keys = fold_keys(keys, index) if average_probs else keys
+        logits.append(
+            infer_augmented_logits(
+                model, images, ratio=ratio, flip=flipped, output_size=size, key=augmentation_keys, **options
+            )
+        )
+        row_taps.append(_bilinear_taps(size[0], height))
+        column_taps.append(_bilinear_taps(size[1], width))
+    num_classes = logits[0].shape[-1]
+    band_rows = int(np.clip(band_bytes // (4 * n * width * num_classes), 1, height))
+    labels = np.empty((n, height, width), np.int32)
+    for start in range(0, height, band_rows):
+        stop = min(start + band_rows, height)
+        rows = np.minimum(np.arange(start, start + band_rows), height - 1)  # the last band repeats its last row
+        taps = tuple(
+            (*(tap[rows] for tap in row_tap), *column_tap)
+            for row_tap, column_tap in zip(row_taps, column_taps, strict=True)
+        )
+        scores, band_labels = _band(tuple(logits), taps, average_probs)
+        labels[:, start:stop] = np.asarray(band_labels)[:, : stop - start]
+        if on_scores is not None:
+            on_scores(start, np.asarray(scores)[:, : stop - start])
+    return labels

@@ -7,7 +7,8 @@
 - `shift_add`: a sum of kh*kw shifted slices times the per-channel taps, with a hand-written VJP (input gradient again
   a shift-add with flipped taps, weight gradient one reduction over all taps), in plain XLA. XLA:CPU has no good
   grouped-convolution kernel and this form runs 20-100x faster there; the fallback where `native` cannot be built.
-- `auto`: on CPU `native` (float32, when it builds) else `shift_add`; `xla` elsewhere; chosen when traced.
+- `auto`: what the backend policy (segnext_jax.backend) says for the target platform, chosen when traced: on CPU
+  `native` (float32, when it builds) else `shift_add`; `xla` on GPU and TPU.
 - `portable`: `shift_add` on CPU and `xla` elsewhere, chosen by `lax.platform_dependent` when the program runs, for
   serialized programs (`jax.export`) that must not call this package's C++ code.
 All take the same HWIO kernel of shape (kh, kw, 1, C) and agree to float32 rounding. Each also computes
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from segnext_jax import backend
 from segnext_jax.kernels import depthwise as native_kernels
 from segnext_jax.models import layers
 from segnext_jax.models.layers import DType, conv_kernel_init
@@ -31,14 +33,11 @@ IMPLEMENTATIONS = ("auto", "xla", "native", "shift_add", "portable")
 
 
 def resolve_impl(impl: str, dtype: DType = jnp.float32) -> str:
-    """The implementation `impl` stands for on the default backend for inputs of `dtype` ('auto' resolved)."""
+    """The implementation `impl` stands for with inputs of `dtype`: 'auto' is the current backend policy's
+    (`segnext_jax.backend.current()`: the target of an enclosing `backend.use`, else the default backend's)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"depthwise_impl={impl!r} is not one of {IMPLEMENTATIONS}")
-    if impl != "auto":
-        return impl
-    if jax.default_backend() != "cpu":
-        return "xla"
-    return "native" if jnp.dtype(dtype) == jnp.float32 and native_kernels.available() else "shift_add"
+    return backend.current().depthwise(dtype) if impl == "auto" else impl
 
 
 def depthwise_conv_xla(x: jax.Array, kernel: jax.Array, padding: tuple[int, int]) -> jax.Array:

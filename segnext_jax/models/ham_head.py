@@ -11,6 +11,12 @@ from segnext_jax.models.layers import Conv2d, Dropout2d, DType, GroupNorm, resiz
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 NMF_EPS = 1e-6
+NMF_BASES = ("random", "fixed")  # the `nmf_bases` options of NMF2D (and of models.create)
+
+
+class NMFBases(nnx.Variable):
+    """The stored NMF bases (S, D, R) of a model built with `nmf_bases='fixed'`: model state that checkpoints save and
+    restore, but not an `nnx.Param`, so it gets no gradient, no optimiser update and no place in a state_dict."""
 
 
 def draw_nmf_bases(key: jax.Array, batch: int, dim: int, rank: int, num_splits: int = 1) -> jax.Array:
@@ -54,10 +60,14 @@ def nmf2d(x: jax.Array, bases: jax.Array, steps: int, *, inv_t: float = 1.0, one
 
 
 class NMF2D(nnx.Module):
-    """Matrix decomposition of a (B, H, W, C) feature map with fresh random bases per call and per image.
+    """Matrix decomposition of a (B, H, W, C) feature map, by default with fresh random bases per call and per image.
 
     `inv_t` is 1: the reference's constructor overrides the configured 100. 6 iterations in training, 7 in
     evaluation (`deterministic`, set by `model.eval()`). Computed in float32 whatever the model's dtype.
+
+    `bases='fixed'` instead draws one set of bases (S, D, R) when the module is built (from `jax.random.key(seed)`, or
+    from the 'nmf' stream of `rngs` without a seed) and keeps it as an `NMFBases` variable: every image of every call
+    starts from it, in training and evaluation, so the output is deterministic. `channels` (C) is then required.
     """
 
     def __init__(
@@ -68,8 +78,13 @@ class NMF2D(nnx.Module):
         train_steps: int = 6,
         eval_steps: int = 7,
         one_step_grad: bool = False,
+        bases: str = "random",
+        channels: int | None = None,
+        seed: int | None = None,
         rngs: nnx.Rngs | None = None,
     ):
+        if bases not in NMF_BASES:
+            raise ValueError(f"nmf_bases={bases!r}: choose one of {', '.join(NMF_BASES)}")
         self.rank = rank
         self.num_splits = num_splits
         self.train_steps = train_steps
@@ -77,7 +92,24 @@ class NMF2D(nnx.Module):
         self.one_step_grad = one_step_grad
         self.inv_t = 1.0
         self.deterministic = False
-        self.rngs = rngs["nmf"].fork() if rngs is not None else nnx.data(None)
+        stream = rngs["nmf"].fork() if rngs is not None else None
+        self.rngs = stream if stream is not None else nnx.data(None)
+        fixed = None
+        if bases == "fixed":
+            if channels is None or channels % num_splits:
+                raise ValueError(f"nmf_bases='fixed' needs the channels, a multiple of {num_splits}; got {channels}")
+            if seed is None and stream is None:
+                raise ValueError("nmf_bases='fixed' draws its bases from nmf_seed= or from rngs=: give one")
+            key = jax.random.key(seed) if seed is not None else stream()
+            fixed = NMFBases(draw_nmf_bases(key, 1, channels // num_splits, rank, num_splits))
+        self.fixed_bases = fixed if fixed is not None else nnx.data(None)
+
+    def repeated_bases(self, batch: int) -> jax.Array | None:
+        """The stored bases repeated for `batch` images, (batch * S, D, R); None without stored bases."""
+        if self.fixed_bases is None:
+            return None
+        bases = self.fixed_bases[...]
+        return jnp.broadcast_to(bases[None], (batch, *bases.shape)).reshape(batch * bases.shape[0], *bases.shape[1:])
 
     def __call__(self, x: jax.Array, *, bases: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
         b, h, w, c = x.shape
@@ -85,7 +117,9 @@ class NMF2D(nnx.Module):
         d = c // s
         # NHWC (B, H, W, S*D) -> (B*S, N, D), N = H*W in row-major order: the reference's (B*S, D, N) transposed.
         x_nd = x.astype(jnp.float32).reshape(b, h * w, s, d).transpose(0, 2, 1, 3).reshape(b * s, h * w, d)
-        if bases is None:
+        if bases is None and self.fixed_bases is not None:
+            bases = self.repeated_bases(b)
+        elif bases is None:
             if rngs is not None:
                 key = rngs["nmf"]()
             elif self.rngs is not None:
@@ -119,9 +153,21 @@ class ConvModule(nnx.Module):
 class Hamburger(nnx.Module):
     """relu(x + ham_out(NMF(relu(ham_in(x)))))."""
 
-    def __init__(self, channels: int, rank: int, *, one_step_grad: bool, dtype: DType, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        channels: int,
+        rank: int,
+        *,
+        one_step_grad: bool,
+        dtype: DType,
+        rngs: nnx.Rngs,
+        nmf_bases: str = "random",
+        nmf_seed: int | None = None,
+    ):
         self.ham_in = ConvModule(channels, channels, norm=False, relu=False, dtype=dtype, rngs=rngs)
-        self.ham = NMF2D(rank, one_step_grad=one_step_grad, rngs=rngs)
+        self.ham = NMF2D(
+            rank, one_step_grad=one_step_grad, bases=nmf_bases, channels=channels, seed=nmf_seed, rngs=rngs
+        )
         self.ham_out = ConvModule(channels, channels, norm=True, relu=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, bases: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -144,13 +190,23 @@ class LightHamHead(nnx.Module):
         rank: int,
         dropout_ratio: float = 0.1,
         one_step_grad: bool = False,
+        nmf_bases: str = "random",
+        nmf_seed: int | None = None,
         dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.in_index = (1, 2, 3)
         self.dtype = dtype
         self.squeeze = ConvModule(sum(in_channels), channels, norm=True, relu=True, dtype=dtype, rngs=rngs)
-        self.hamburger = Hamburger(channels, rank, one_step_grad=one_step_grad, dtype=dtype, rngs=rngs)
+        self.hamburger = Hamburger(
+            channels,
+            rank,
+            one_step_grad=one_step_grad,
+            dtype=dtype,
+            rngs=rngs,
+            nmf_bases=nmf_bases,
+            nmf_seed=nmf_seed,
+        )
         self.align = ConvModule(channels, channels, norm=True, relu=True, dtype=dtype, rngs=rngs)
         self.dropout = Dropout2d(dropout_ratio, rngs=rngs)
         self.conv_seg = Conv2d(channels, num_classes, 1, init_std=0.01, dtype=dtype, rngs=rngs)

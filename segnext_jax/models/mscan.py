@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from segnext_jax import backend
 from segnext_jax.kernels import fusion_barrier
 from segnext_jax.models.depthwise import DepthwiseConv2d, resolve_impl
 from segnext_jax.models.layers import GELU, BatchNorm2d, Conv2d, DropPath, DType, LayerNorm, gelu
@@ -138,24 +139,17 @@ class MSCABlock(nnx.Module):
         return x
 
     def _gradient_barrier(self) -> Callable[[jax.Array], jax.Array]:
-        """`fusion_barrier.gradient_barrier` where the block's depth-wise convolutions run natively, else the
-        identity (XLA's own fusion on GPU and TPU, and no C++ call in a `portable` program)."""
-        native = resolve_impl(self.mlp.dwconv.impl, self.dtype) == "native" and fusion_barrier.available()
-        return fusion_barrier.gradient_barrier if native else lambda x: x
-
-
-# On CPU, stages of at most this many blocks (all of T, S and B) run block after block and deeper ones (L's 27) as a
-# scan. XLA:CPU runs a scanned block slower than an inlined one (the loop stacks the parameters on every call, writes
-# its stacked residuals in place on one thread and re-indexes the sliced parameters inside every fused loop:
-# SegNeXt-B's training step 15.3 s all scanned, 12.2 s with stage 3 (12 blocks) scanned, 11.7 s inlined, which
-# compiles in 66 s instead of 55 s; B's evaluation 8% faster inlined), and compiles deep stages faster as a scan (L's
-# training step 80 s with this limit, 166 s fully inlined).
-CPU_MAX_INLINED_BLOCKS = 12
+        """`fusion_barrier.gradient_barrier` where the backend policy asks for it and the block's depth-wise
+        convolutions run natively, else the identity (XLA's own fusion on GPU and TPU, and no C++ call in a
+        `portable` program)."""
+        native = resolve_impl(self.mlp.dwconv.impl, self.dtype) == "native"
+        return fusion_barrier.gradient_barrier if native and backend.current().fusion_barrier else lambda x: x
 
 
 def run_blocks(blocks: nnx.List, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-    """Applies a stage's blocks in order: one after the other for shallow stages on CPU (CPU_MAX_INLINED_BLOCKS), else
-    as one `jax.lax.scan` over their stacked state.
+    """Applies a stage's blocks in order: one after the other, or as one `jax.lax.scan` over their stacked state
+    where the backend policy says so (`Policy.scans`: stages deeper than backend.CPU_MAX_INLINED_BLOCKS on CPU, every
+    stage of several blocks on GPU and TPU).
 
     The blocks share one structure, so under the scan XLA compiles the block once per stage instead of once per block
     (the L model has 27 blocks in stage 3). Both ways give each block the same stochastic-depth key. Batch statistics
@@ -166,7 +160,7 @@ def run_blocks(blocks: nnx.List, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Arr
     keys = None  # one stochastic-depth key per block, the same whether the stage is inlined or scanned
     if rngs is not None and not blocks[0].drop_path.deterministic:
         keys = jax.random.split(rngs["dropout"](), len(blocks))
-    if jax.default_backend() == "cpu" and len(blocks) <= CPU_MAX_INLINED_BLOCKS:
+    if not backend.current().scans(len(blocks)):
         for i, block in enumerate(blocks):
             x = block(x, rngs=None if keys is None else keys[i])
         return x

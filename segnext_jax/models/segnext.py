@@ -48,6 +48,8 @@ class SegNeXt(nnx.Module):
         dtype: DType = jnp.float32,
         depthwise_impl: str = "auto",
         nmf_one_step_grad: bool = False,
+        nmf_bases: str = "random",
+        nmf_seed: int | None = None,
         rngs: nnx.Rngs,
     ):
         self.num_classes = num_classes
@@ -68,6 +70,8 @@ class SegNeXt(nnx.Module):
             rank=variant.nmf_rank,
             dropout_ratio=dropout_ratio,
             one_step_grad=nmf_one_step_grad,
+            nmf_bases=nmf_bases,
+            nmf_seed=nmf_seed,
             dtype=dtype,
             rngs=rngs,
         )
@@ -79,10 +83,15 @@ class SegNeXt(nnx.Module):
 
         `rngs` (e.g. `nnx.Rngs(seed)`) seeds the NMF bases (stream 'nmf') and, in training, drop path and dropout
         (stream 'dropout'); without it the model's own streams advance on every call. `nmf_bases` (N, D, R) replaces
-        the random draw.
+        the random draw, and the stored bases of a model built with nmf_bases='fixed' (used when it is None).
         """
         features = self.backbone(images, rngs=rngs)
         return self.decode_head(features, nmf_bases=nmf_bases, rngs=rngs)
+
+    def fixed_nmf_bases(self, batch: int) -> jax.Array | None:
+        """The stored NMF bases of a model built with nmf_bases='fixed', repeated for `batch` images as the
+        `nmf_bases` argument takes them, (batch * S, D, R); None for a model that draws random bases."""
+        return self.decode_head.hamburger.ham.repeated_bases(batch)
 
 
 def create(
@@ -95,12 +104,18 @@ def create(
     dtype: DType | str = jnp.float32,
     depthwise_impl: str = "auto",
     nmf_one_step_grad: bool = False,
+    nmf_bases: str = "random",
+    nmf_seed: int | None = None,
 ) -> SegNeXt:
     """Builds SegNeXt-`variant` ('t', 's', 'b' or 'l') for `num_classes` classes, in training mode.
 
     `dtype` ('float32' / 'bfloat16' or a jnp dtype) is the compute dtype; parameters stay float32 and norms, NMF and
     logits are computed in float32. `depthwise_impl` is 'auto', 'xla', 'native', 'shift_add' or 'portable' (see
     models.depthwise).
+
+    `nmf_bases` 'random' (the reference) draws fresh NMF bases for every image at every call; 'fixed' draws one set
+    when the model is built, from `jax.random.key(nmf_seed)` or, without `nmf_seed`, from `rngs`, and stores it as a
+    non-trainable variable (`ham_head.NMFBases`, saved in checkpoints): every call is then deterministic.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown SegNeXt variant {variant!r}: choose one of {sorted(VARIANTS)}")
@@ -116,5 +131,7 @@ def create(
         dtype=dtype,
         depthwise_impl=depthwise_impl,
         nmf_one_step_grad=nmf_one_step_grad,
+        nmf_bases=nmf_bases,
+        nmf_seed=nmf_seed,
         rngs=rngs,
     )

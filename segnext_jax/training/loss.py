@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from segnext_jax import backend
 from segnext_jax.kernels import cross_entropy as native_kernels
 
 IMPLEMENTATIONS = ("auto", "xla", "native")
@@ -86,12 +87,11 @@ _summed_cross_entropy.defvjp(_summed_cross_entropy_fwd, _summed_cross_entropy_bw
 
 
 def resolve_impl(impl: str) -> str:
-    """'native' or 'xla' for `impl`: 'auto' is native on CPU when the kernels build, else xla."""
+    """'native' or 'xla' for `impl`: 'auto' is the current backend policy's (`segnext_jax.backend.current()`:
+    native on CPU when the kernels build, else xla)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"loss impl={impl!r} is not one of {IMPLEMENTATIONS}")
-    if impl != "auto":
-        return impl
-    return "native" if jax.default_backend() == "cpu" and native_kernels.available() else "xla"
+    return backend.current().loss_impl if impl == "auto" else impl
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = 255, impl: str = "auto") -> jax.Array:
@@ -100,7 +100,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = 
     The logits are resized bilinearly with half-pixel centres (torch `align_corners=False`, no antialias) in
     float32 whatever their dtype. Pixels labelled `ignore_index` contribute 0 but still count in the
     denominator: the loss is averaged over all N*H*W pixels, as the reference does. `impl`: 'native' (the CPU
-    kernels), 'xla' or 'auto' (native on CPU when available), resolved when traced.
+    kernels), 'xla' or 'auto' (the backend policy's: native on CPU when available), resolved when traced.
     """
     n, h, w, k = logits.shape
     height, width = labels.shape[1:]

@@ -11,12 +11,14 @@ AdamW state of `make_tx`) and "rng" (a PRNG key). Checkpoints hold it with the d
 """
 
 import functools
+import os
 import threading
 import time
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -24,9 +26,11 @@ from absl import logging
 from flax import nnx
 from tensorboardX import SummaryWriter
 
-from segnext_jax import checkpoints, models, sharding
+from segnext_jax import checkpoints, configuration, models, paths, sharding
+from segnext_jax.configuration import ConfigError
 from segnext_jax.data import pipeline
 from segnext_jax.evaluation import evaluate
+from segnext_jax.training import interrupts, workdir_lock
 from segnext_jax.training.loss import segmentation_loss
 from segnext_jax.training.optimizer import SEGNEXT_CUSTOM_KEYS, make_optimizer
 from segnext_jax.training.schedule import make_schedule
@@ -34,8 +38,8 @@ from segnext_jax.training.schedule import make_schedule
 TrainState = dict[str, Any]
 
 
-class ConfigError(ValueError):
-    """A config value (or a combination of them) training cannot run with; the message names the keys."""
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient or parameter (config.train.on_nonfinite); nothing was saved."""
 
 
 def make_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -125,23 +129,38 @@ def train_step(
     arguments are hashable, so equal runs in one process share the compilation.
     """
     k = config.train.grad_accum_steps
+    previous = jax.tree.leaves(state)  # the arrays themselves: nnx.merge reuses the state's Variables, updated below
     batch = jax.lax.with_sharding_constraint(batch, sharding.data_sharding(mesh))
     keys = jax.random.split(jax.random.fold_in(state["rng"], step), k)
     model_state, opt_state = state["model"], state["opt_state"]
     tx = make_tx(nnx.state(nnx.merge(graphdef, model_state), nnx.Param), config)
-    losses = []
+    losses, finite = [], jnp.array(True)
     for j in range(k):  # unrolled: XLA:CPU runs the step several times slower inside a lax.scan
         images, labels = (x.reshape(x.shape[0] // k, k, *x.shape[1:])[:, j] for x in (batch["image"], batch["label"]))
         model = nnx.merge(graphdef, model_state)
         loss, grads = nnx.value_and_grad(_loss)(model, images, labels, keys[j])
         params = nnx.as_pure(nnx.state(model, nnx.Param))
         updates, opt_state = tx.update(nnx.as_pure(grads), opt_state, params)
-        nnx.update(model, optax.apply_updates(params, updates))
+        new_params = optax.apply_updates(params, updates)
+        finite &= jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
+        nnx.update(model, new_params)
         model_state = nnx.state(model)
         losses.append(loss)
     new_state = {"model": model_state, "opt_state": opt_state, "rng": state["rng"]}
+    # A non-finite loss, gradient or parameter leaves the state as it was (the host stops or skips the step).
+    kept = [_keep_if_not(finite, new, old) for new, old in zip(jax.tree.leaves(new_state), previous, strict=True)]
+    new_state = jax.tree.unflatten(jax.tree.structure(new_state), kept)
     new_state = jax.lax.with_sharding_constraint(new_state, sharding.replicated_sharding(mesh))
-    return new_state, {"loss": sum(losses) / k}
+    return new_state, {"loss": sum(losses) / k, "finite": finite}
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _keep_if_not(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """`new` where the step was finite, else `old` (optimiser step counts included: a skipped step is not counted)."""
+    return new if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key) else jnp.where(finite, new, old)
 
 
 def eval_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
@@ -155,7 +174,7 @@ def eval_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """Raises a one-line ConfigError unless every micro-batch splits evenly over the devices."""
     batch, k, devices = config.train.global_batch_size, config.train.grad_accum_steps, mesh.devices.size
-    if k < 1 or batch % (k * devices):
+    if batch % (k * devices):
         raise ConfigError(
             f"config.train.global_batch_size={batch} must be a multiple of grad_accum_steps={k} x {devices} devices"
         )
@@ -176,9 +195,11 @@ def make_train_data(
         seed=config.seed,
         num_workers=config.data.num_workers,
         bad_example=config.data.bad_example,
+        max_image_pixels=config.data.max_image_pixels,
         source=config.data.source,
         process_index=process_index,
         process_count=process_count,
+        reduce_zero_label=config.data.get("reduce_zero_label"),  # only the folder dataset's configs have the key
     )
 
 
@@ -220,16 +241,98 @@ class _Progress:
         self.restart(step)
 
 
+class _Profiler:
+    """A `jax.profiler` trace of training steps first..last (config.train.profile_steps) in WORKDIR/profile, for
+    TensorBoard's profile plugin or XProf; each step is annotated with its number."""
+
+    def __init__(self, steps: tuple[int, int], workdir: str):
+        self.first, self.last = steps
+        self.directory = f"{workdir}/profile"
+        self.tracing = False
+
+    def before(self, step: int) -> None:
+        if self.first and step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.tracing = True
+
+    def after(self, step: int, state: TrainState) -> None:
+        if self.tracing and step >= self.last:
+            jax.block_until_ready(state)
+            self.stop()
+            logging.info("profile of steps %d-%d written to %s", self.first, self.last, self.directory)
+
+    def stop(self) -> None:
+        if self.tracing:
+            self.tracing = False
+            jax.profiler.stop_trace()
+
+
+class _NonFiniteGuard:
+    """config.train.on_nonfinite for steps whose loss, gradients or new parameters were not finite.
+
+    The step itself left the state unchanged (`train_step`); here the run stops ('stop') or goes on ('skip') until
+    config.train.max_nonfinite_in_a_row such steps follow each other. Either way nothing non-finite is saved.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, manager: Any):
+        self.policy, self.max_in_a_row = config.train.on_nonfinite, config.train.max_nonfinite_in_a_row
+        self.workdir, self.manager = workdir, manager
+        self.in_a_row = self.total = 0
+
+    def check(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        """Raises NonFiniteError when step `step` (its `metrics`) was not finite and the run must stop."""
+        if bool(metrics["finite"]):
+            self.in_a_row = 0
+            return
+        self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
+        loss = float(metrics["loss"])
+        latest = self.manager.latest_step()
+        kept = (
+            f"the newest checkpoint, step {latest}, is in {self.workdir}/checkpoints"
+            if latest is not None
+            else "no checkpoint was saved yet"
+        )
+        if self.policy == "stop":
+            raise NonFiniteError(
+                f"step {step}: the loss or gradients are not finite (loss {loss}); stopped without saving it ({kept}): "
+                "lower config.optimizer.lr, or set --config.train.on_nonfinite=skip to skip such steps"
+            )
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteError(
+                f"step {step}: {self.in_a_row} steps in a row with a non-finite loss or gradients "
+                f"(config.train.max_nonfinite_in_a_row={self.max_in_a_row}); stopped without saving them ({kept}): "
+                "lower config.optimizer.lr"
+            )
+        logging.warning(
+            "step %d: the loss or gradients are not finite (loss %s): update skipped (%d in a row, %d in all)",
+            step, loss, self.in_a_row, self.total,
+        )
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: str, *, stop: threading.Event | None = None
 ) -> dict[str, Any] | None:
     """Trains as `config` says in `workdir`, resuming from its latest checkpoint; returns the last validation metrics.
 
     Every process of a multi-host run calls it with the same arguments. `stop` (e.g. from
-    `checkpoints.install_preemption_handler()`, set by SIGTERM) makes the run save the current step and return; a
-    multi-host preemption notice does the same. Checkpoints go to WORKDIR/checkpoints, validation results to
-    WORKDIR/eval, TensorBoard events to WORKDIR/tensorboard.
+    `interrupts.install_handlers()`, set by SIGTERM or Ctrl-C) makes the run save the current step and return None;
+    a multi-host preemption notice does the same. Checkpoints go to WORKDIR/checkpoints, validation results to
+    WORKDIR/eval, TensorBoard events to WORKDIR/tensorboard. Relative paths (workdir, config.init.pretrained,
+    config.data.root) are taken from the current directory. Process 0 holds WORKDIR/train.lock meanwhile.
     """
+    configuration.check(config)
+    config = config.copy_and_resolve_references()
+    configuration.resolve_paths(config)
+    configuration.fill_from_dataset(config)
+    workdir = paths.resolve(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() != 0:
+        return _train(config, workdir, threading.Event() if stop is None else stop)
+    with workdir_lock.hold(workdir):
+        return _train(config, workdir, threading.Event() if stop is None else stop)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: threading.Event) -> dict[str, Any] | None:
     mesh = sharding.make_mesh()
     check_batch(config, mesh)
     data = make_train_data(config)
@@ -245,46 +348,88 @@ def train(
         step, state = restored
         logging.info("resumed from %s/checkpoints at step %d", workdir, step)
     writer = _summary_writer(workdir)
-    stop = threading.Event() if stop is None else stop
     static = {"graphdef": graphdef, "config": ml_collections.FrozenConfigDict(config), "mesh": mesh}
     progress = _Progress(config, step, writer)
+    guard = _NonFiniteGuard(config, workdir, manager)
     num_steps, eval_every = config.train.num_steps, config.train.eval_every
     if step < num_steps:
         logging.info(
             "training %d steps of %d images on %d devices (%d processes); the first step compiles",
             num_steps - step, config.train.global_batch_size, mesh.devices.size, jax.process_count(),
         )
-    results = None
+    results, stopped = None, False
     first_step, started = step, time.perf_counter()
+    unchecked = None  # (step, metrics) of the previous step: checked once the next one is queued, so both overlap
+    profiler = _Profiler(config.train.profile_steps, workdir)
     try:
         while step < num_steps:
             batch = sharding.global_batch(next(data_iterator), mesh)
-            state, step_metrics = train_step(state, batch, step, **static)
+            profiler.before(step + 1)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                state, step_metrics = train_step(state, batch, step, **static)
             step += 1
+            profiler.after(step, state)
+            if unchecked is not None:
+                guard.check(*unchecked)
+            unchecked = (step, step_metrics)
             if step == first_step + 1:
                 jax.block_until_ready(step_metrics)
                 logging.info("step %d done in %.1f s (compilation included)", step, time.perf_counter() - started)
                 progress.restart(step)
-            if step % config.train.log_every == 0 or step == num_steps:
+            checkpoints.check_saves(manager)
+            stopped = interrupts.requested(manager, step, stop)
+            evaluating = bool(eval_every) and (step % eval_every == 0 or step == num_steps)
+            logging_now = step % config.train.log_every == 0 or step == num_steps
+            if logging_now or evaluating or stopped or step == num_steps or manager.should_save(step):
+                guard.check(*unchecked)  # before anything of this step is logged, evaluated or saved
+                unchecked = None
+            if logging_now:
                 progress.log(step, float(step_metrics["loss"]), data_iterator.num_skipped)
             evaluated = None
-            if eval_every and (step % eval_every == 0 or step == num_steps):
+            if evaluating:
                 model = eval_model(graphdef, state)
                 results = evaluate.evaluate(model, config, step=step, workdir=workdir, writer=writer)
                 evaluated = {name: results[name] for name in ("mIoU", "mAcc", "aAcc")}
                 progress.restart(step)
-            stopping = checkpoints.preempted(manager, step, stop)
-            checkpoints.save(manager, step, state, data_iterator, evaluated, force=stopping or step == num_steps)
-            if stopping:
-                logging.info("stop requested: saved step %d to %s/checkpoints, exiting", step, workdir)
+            checkpoints.save(manager, step, state, data_iterator, evaluated, force=stopped or step == num_steps)
+            if stopped:
                 break
+        checkpoints.wait_for_saves(manager)
+        logging.info("%s", _closing_line(workdir, manager, step, num_steps, results, stopped, stop))
     finally:
-        manager.wait_until_finished()
+        profiler.stop()
         manager.close()
         data_iterator.close()
         if writer is not None:
             writer.close()
-    return results
+    return None if stopped else results
+
+
+def _closing_line(
+    workdir: str,
+    manager: Any,
+    step: int,
+    num_steps: int,
+    results: dict[str, Any] | None,
+    stopped: bool,
+    stop: threading.Event,
+) -> str:
+    """Where the run stands and where its outputs are."""
+    saved = ", ".join(map(str, manager.all_steps()))
+    if stopped:
+        why = getattr(stop, "signal_name", None) or "a preemption notice"
+        return (
+            f"stopped by {why} after step {step}/{num_steps}: saved to {workdir}/checkpoints (steps {saved}); "
+            "run the same command again to resume"
+        )
+    scores = f"val mIoU {results['mIoU']:.4f}, aAcc {results['aAcc']:.4f}; " if results else ""
+    evaluated = f"evaluation: {workdir}/eval/step_{step}.json; " if results else ""
+    best = manager.best_step()
+    best = f", best {best}" if best is not None else ""
+    return (
+        f"done: step {step}/{num_steps}; {scores}checkpoints: {workdir}/checkpoints (steps {saved}{best}); "
+        f"{evaluated}TensorBoard: tensorboard --logdir {workdir}/tensorboard"
+    )
 
 
 def _summary_writer(workdir: str) -> SummaryWriter | None:
