@@ -1,12 +1,15 @@
-"""Command line: train or evaluate SegNeXt from a config file.
+"""Command line: train, evaluate or compile (for a Cloud TPU slice) SegNeXt from a config file.
 
     python -m segnext_jax.main --config=configs/ade20k_t.py --workdir=runs/ade20k_t [--config.train.num_steps=...]
     python -m segnext_jax.main --config=configs/ade20k_t.py --workdir=runs/ade20k_t --mode=eval [--step=best]
+    python -m segnext_jax.main --config=configs/ade20k_t.py --workdir=runs/ade20k_t --mode=compile --topology=v5e:2x2
 
 Training resumes from the latest checkpoint in --workdir and evaluates every config.train.eval_every steps.
 Evaluation scores a checkpoint of --workdir (or the model given by --checkpoint, e.g. a converted published one) and
-writes WORKDIR/eval/step_<N>.json. Run the same command on every host of a multi-host job: JAX's cluster detection
-(SLURM, Open MPI, Cloud TPU) joins the processes, or pass --coordinator_address, --num_processes and --process_id.
+writes WORKDIR/eval/step_<N>.json. Compilation compiles the training and evaluation steps for a Cloud TPU slice on
+this host (segnext_jax.aot) and writes WORKDIR/compile/<topology>_<program>.json. Run the same command on every
+host of a multi-host job: JAX's cluster detection (SLURM, Open MPI, Cloud TPU) joins the processes, or pass
+--coordinator_address, --num_processes and --process_id.
 """
 
 # Restarted with huge pages for malloc (segnext_jax.malloc) before the imports below, which take 5-8 s and which
@@ -139,7 +142,7 @@ def resolve_workdir(workdir: str) -> str:
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> int:
-    """Trains or evaluates; returns the exit status (130 after Ctrl-C, whose step was saved)."""
+    """Trains, evaluates or compiles; returns the exit status (130 after Ctrl-C, whose step was saved)."""
     if mode == "eval":
         run_eval(config, workdir, _CHECKPOINT.value and paths.resolve(_CHECKPOINT.value), _STEP.value)
         return 0
