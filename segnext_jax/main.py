@@ -1,4 +1,4 @@
-"""Command line: train, evaluate or compile (for a Cloud TPU slice) SegNeXt from a config file.
+"""Command line: train or evaluate SegNeXt from a config file, or compile it for a Cloud TPU slice.
 
     python -m segnext_jax.main --config=configs/ade20k_t.py --workdir=runs/ade20k_t [--config.train.num_steps=...]
     python -m segnext_jax.main --config=configs/ade20k_t.py --workdir=runs/ade20k_t --mode=eval [--step=best]

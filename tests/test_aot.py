@@ -1,7 +1,6 @@
 """Ahead-of-time compilation for Cloud TPU (segnext_jax.aot): the abstract state, the loop correction's parts, and
 with libtpu installed (pip install -e '.[tpu]') a real compilation of a small model for a v5e:2x2 slice."""
 
-import importlib.util
 import json
 import os
 import runpy
@@ -73,7 +72,6 @@ def test_shapes_and_names():
     assert aot.eval_input_size(config) == (1024, 1024)  # sliding windows
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu: pip install -e '.[tpu]'")
 def test_compiles_train_and_eval_for_a_v5e_slice_on_this_host(tiny_config, tmp_path):
     """The real TPU compiler, on this CPU-only host: a tiny model's training step (4 images of 64 x 64 over 4
     chips) and evaluation call; the report's figures are the compiler's, loop-corrected, and written as JSON."""

@@ -1,7 +1,6 @@
 """segnext_jax.checkpoints against faults: damaged steps, config mismatches, non-finite states, a full disk, users'
 relative paths. A damaged step is moved aside when training resumes and named when read only; nothing is deleted."""
 
-import ctypes
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tmpfs
 from flax import nnx
 from orbax.checkpoint._src.path import atomicity
 from test_checkpoints import _assert_trees_equal
@@ -204,30 +204,15 @@ def test_non_finite_state_is_refused(tmp_path):
     assert manager.all_steps() == [] and not os.listdir(tmp_path / "checkpoints")
 
 
-MS_REMOUNT, MNT_DETACH = 32, 2
-
-
-def _mount_tmpfs(directory: Path, size: str, remount: bool = False) -> None:
-    """Mounts a tmpfs of `size` at `directory` (root only: PermissionError otherwise)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    flags = MS_REMOUNT if remount else 0
-    if libc.mount(b"tmpfs", os.fsencode(directory), b"tmpfs", flags, f"size={size}".encode()) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(directory))
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    try:
-        _mount_tmpfs(disk, "600k")  # room for one step of `big`, not two
-    except PermissionError:
-        pytest.skip("mounting a size-limited tmpfs needs root (CI and the development machines run as root)")
+    tmpfs.mount(disk, "600k")  # room for one step of `big`, not two
     try:
         yield disk
     finally:
-        ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(disk), MNT_DETACH)
+        tmpfs.unmount(disk)
 
 
 @pytest.mark.parametrize("when", ["before writing", "while writing"])
@@ -262,7 +247,7 @@ def test_full_disk_raises_save_error_at_once_keeps_earlier_steps_and_resumes(sma
     written = ["1", "2.orbax-checkpoint-tmp"] if when == "while writing" else ["1"]
     assert sorted(os.listdir(small_disk / "checkpoints")) == written
 
-    _mount_tmpfs(small_disk, "2m", remount=True)  # space freed: the rerun resumes from step 1
+    tmpfs.mount(small_disk, "2m", remount=True)  # space freed: the rerun resumes from step 1
     manager = checkpoints.make_manager(str(small_disk), keep=1)
     deadline = time.monotonic() + 10  # orbax removes temporary directories in the background when it starts
     while (small_disk / "checkpoints" / "2.orbax-checkpoint-tmp").exists() and time.monotonic() < deadline:

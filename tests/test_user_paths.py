@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import tmpfs
 from flax import nnx
 from PIL import Image
 
@@ -218,20 +219,16 @@ def directory_bytes(path: Path) -> int:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A tmpfs mounted at tmp_path/disk (resized by calling the fixture's value with a size in bytes)."""
+    """A tmpfs mounted at tmp_path/disk, (re)sized by calling the fixture's value with a size in bytes."""
     disk = tmp_path / "disk"
     disk.mkdir()
 
     def mount(size: int, remount: bool = False) -> Path:
-        options = f"remount,size={size}" if remount else f"size={size}"
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], capture_output=True)
-        if result.returncode and not remount and os.geteuid() != 0:
-            pytest.skip("mounting a size-limited tmpfs needs root (CI and the development machines run as root)")
-        assert result.returncode == 0, result.stderr
+        tmpfs.mount(disk, size, remount)
         return disk
 
     yield mount
-    subprocess.run(["umount", str(disk)], capture_output=True)
+    tmpfs.unmount(disk)
 
 
 def test_full_disk_stops_at_once_keeps_checkpoints_and_resumes(trained, clone, env, small_disk):
