@@ -95,7 +95,7 @@ class SegNeXt(nnx.Module):
 
 
 def create(
-    variant: str,
+    variant: str | Variant,
     num_classes: int,
     *,
     rngs: nnx.Rngs,
@@ -107,7 +107,10 @@ def create(
     nmf_bases: str = "random",
     nmf_seed: int | None = None,
 ) -> SegNeXt:
-    """Builds SegNeXt-`variant` ('t', 's', 'b' or 'l') for `num_classes` classes, in training mode.
+    """Builds SegNeXt-`variant` for `num_classes` classes, in training mode.
+
+    `variant` is a registered name ('t', 's', 'b' or 'l', see VARIANTS) or a `Variant` spelling out another size (tests
+    build small ones this way).
 
     `dtype` ('float32' / 'bfloat16' or a jnp dtype) is the compute dtype; parameters stay float32 and norms, NMF and
     logits are computed in float32. `depthwise_impl` is 'auto', 'xla', 'native', 'shift_add' or 'portable' (see
@@ -117,14 +120,16 @@ def create(
     when the model is built, from `jax.random.key(nmf_seed)` or, without `nmf_seed`, from `rngs`, and stores it as a
     non-trainable variable (`ham_head.NMFBases`, saved in checkpoints): every call is then deterministic.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown SegNeXt variant {variant!r}: choose one of {sorted(VARIANTS)}")
+    if isinstance(variant, str):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown SegNeXt variant {variant!r}: choose one of {sorted(VARIANTS)}")
+        variant = VARIANTS[variant]
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     return SegNeXt(
-        VARIANTS[variant],
+        variant,
         num_classes,
         drop_path_rate=drop_path_rate,
         dropout_ratio=dropout_ratio,
