@@ -1,12 +1,9 @@
-"""SegNeXt-S on ADE20K: the reference recipe (values and sources in configs/base.py)."""
-
-import os
-import runpy
+"""SegNeXt-S on ADE20K: the reference recipe (values and sources: segnext_jax/configuration.py)."""
 
 import ml_collections
 
-make_config = runpy.run_path(os.path.join(os.path.dirname(__file__), "base.py"))["make_config"]
+from segnext_jax import configuration
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return make_config("ade20k", "s")
+    return configuration.make_config("ade20k", "s")

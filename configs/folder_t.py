@@ -18,20 +18,16 @@ decay, crop 512, resize bound (2048, 512), whole-image evaluation are kept):
 Anything can be changed on the command line, e.g. `--config.train.num_steps=4000 --config.data.crop_size=(384,384)`.
 """
 
-import os
-import runpy
-
 import ml_collections
 from ml_collections import config_dict
 
-make_config = runpy.run_path(os.path.join(os.path.dirname(__file__), "base.py"))["make_config"]
+from segnext_jax import configuration
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = make_config("ade20k", "t")
+    config = configuration.make_config("ade20k", "t")
     config.model.num_classes = config_dict.placeholder(int)  # None: the folder's classes (fill_from_dataset)
-    config.data.dataset = "folder"
-    config.data.reduce_zero_label = config_dict.placeholder(bool)  # None: the folder's own (classes.json, false)
+    config.data.dataset = "folder"  # data.reduce_zero_label None: the folder's own setting (classes.json, false)
     config.train.global_batch_size = 8
     config.train.num_steps = 8000
     config.train.log_every = 50

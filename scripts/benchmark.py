@@ -3,14 +3,13 @@
 Usage: python scripts/benchmark.py [--variants=t,b] [--modes=eval,train] [--eval_batches=1] [--sizes=512x512]
            [--train_batch=2] [--train_size=512x512] [--iters=5] [--warmup=1] [--settle=1] [--threads=2]
            [--dtype=float32]
-           [--output_dir=benchmarks] [--name=]
+           [--output_dir=benchmarks] [--name=] [--append]
 
 For every configuration both sides are built, warmed up, then timed ALTERNATELY (ours, reference, ours, ...) so that
 both see the same background load; the medians are reported. Each turn of a side starts with `--settle` untimed calls
 (default 1), so that a timed call follows a call of the same program, as steps do in a training loop: the first call
-after the other side's is slower for both (on the 2-core VM ours B training step 9-10 s instead of 5.3-6 s, the
-reference's 9-11 s instead of 7-9 s), as memory the other side has just freed is faulted in again. Its time is
-reported as "after switch".
+after the other side's is slower for both (by up to 1.7x; benchmarks/README.md), as memory the other side has just
+freed is faulted in again. Its time is reported as "after switch".
 
 Run as a script, it restarts itself with huge pages for glibc's malloc (segnext_jax.malloc), as
 `python -m segnext_jax.main` does, for both sides; SEGNEXT_JAX_HUGE_PAGES=0 measures without. Measured:
@@ -38,7 +37,8 @@ XLA_FLAGS rejects unknown flags); `--xla_cpu_multi_thread_eigen=true` is XLA's d
 
 With `--dtype=bfloat16` ours computes in bfloat16 and the reference runs under `torch.autocast(dtype=bfloat16)`.
 On a GPU the reference runs on CUDA when torch has it (the environment's torch is CPU-only).
-Writes benchmarks/<date>_<machine>[_<name>].md and .json (machine, versions, date, git commit, settings, results).
+Writes benchmarks/<date>_<machine>[_<name>].md and .json (machine, versions, date, git commit, settings, results)
+after every configuration; `--append` keeps the results already in today's files of that name and adds to them.
 """
 
 from __future__ import annotations
@@ -460,6 +460,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--depthwise_impl", default="auto", choices=["auto", "xla", "native", "shift_add", "portable"])
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks"))
     parser.add_argument("--name", default="", help="suffix of the output file names")
+    parser.add_argument("--append", action="store_true", help="add to the results of today's file of the same name")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.iters < 1 or args.settle < 0:
         parser.error("--warmup and --iters must be >= 1, --settle >= 0")
@@ -503,21 +504,31 @@ def main(argv: list[str] | None = None) -> dict:
         "load_avg_start": os.getloadavg()[0],
         "results": [],
     }
+    stem = os.path.join(
+        args.output_dir, f"{report['date'][:10]}_{machine_slug(machine)}" + (f"_{args.name}" if args.name else "")
+    )
+    if args.append and os.path.exists(stem + ".json"):
+        with open(stem + ".json") as previous:
+            report["results"] = json.load(previous)["results"]
     for config in todo:
         print(f"running {config} ...", flush=True)
         report["results"].append(run_config(config, args))
         r = report["results"][-1]
         print(f"  ours {r['ours']['latency_ms']:.1f} ms, reference {r['reference']['latency_ms']:.1f} ms, "
               f"speed-up {r['speedup']:.2f}x", flush=True)  # fmt: skip
-    report["load_avg_end"] = os.getloadavg()[0]
-    stem = f"{report['date'][:10]}_{machine_slug(machine)}" + (f"_{args.name}" if args.name else "")
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, stem + ".json"), "w") as out:
-        json.dump(report, out, indent=1)
-    with open(os.path.join(args.output_dir, stem + ".md"), "w") as out:
-        out.write(markdown(report))
+        report["load_avg_end"] = os.getloadavg()[0]
+        write_report(report, stem)  # after every configuration: a run stopped later keeps what it measured
     print(markdown(report))
     return report
+
+
+def write_report(report: dict, stem: str) -> None:
+    """Writes `stem`.json and `stem`.md, each replaced whole (a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
+        with open(stem + suffix + ".tmp", "w") as out:
+            out.write(text)
+        os.replace(stem + suffix + ".tmp", stem + suffix)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ scripts/benchmark.py at batch B, for --train_variants, by default all of --varia
   traffic the model needs.
 Depth-wise convolutions are counted both as XLA grouped convolutions (depthwise_impl='xla') and as the shift-add
 form that runs on CPU (each tap one multiply and one add, so the FLOPs agree).
-The paper's numbers (6.6 / 15.9 / 34.9 / 70.0 "GFLOPs" at 512x512) are multiply-adds; segnext_reference.md §5 has
-fvcore's GMACs (conv + matmul incl. the NMF products) of mmseg's modules: 6.45 / 15.72 / 34.76 / 69.84.
+The paper's numbers (Guo et al. 2022, ADE20K table: 6.6 / 15.9 / 34.9 / 70.0 "GFLOPs" at 512x512) are
+multiply-adds. fvcore's `FlopCountAnalysis` of MMSegmentation 1.2.2's `EncoderDecoder` (MSCAN + LightHamHead, 150
+classes, one 512x512 image; conv + matmul, the NMF's products included) counts 6.45 / 15.72 / 34.76 / 69.84 GMACs.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from oracle import build_reference  # noqa: E402  (on sys.path through benchmark
 from segnext_jax import models  # noqa: E402
 
 PAPER_GFLOPS = {"t": 6.6, "s": 15.9, "b": 34.9, "l": 70.0}  # SegNeXt paper, ADE20K, 512x512 (multiply-adds)
-FVCORE_GMACS = {"t": 6.45, "s": 15.72, "b": 34.76, "l": 69.84}  # segnext_reference.md §5, 512x512
+FVCORE_GMACS = {"t": 6.45, "s": 15.72, "b": 34.76, "l": 69.84}  # fvcore on mmseg 1.2.2's modules, 512x512
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import numpy as np
 
 from segnext_jax import Segmenter
 from segnext_jax.data import demo
-from segnext_jax.predict import overlay_with_legend
+from segnext_jax.serving.drawing import overlay_with_legend
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ __all__ = ["Segmenter", "__version__"]
 def __getattr__(name: str):
     """`segnext_jax.Segmenter`, imported on first use (it loads jax, orbax and OpenCV)."""
     if name == "Segmenter":
-        from segnext_jax.predict import Segmenter
+        from segnext_jax.serving.segmenter import Segmenter
 
         return Segmenter
     raise AttributeError(f"module 'segnext_jax' has no attribute {name!r}")

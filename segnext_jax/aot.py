@@ -14,6 +14,8 @@ array is allocated. It reports the compiler's figures per chip:
   blocks' cost, measured by compiling one block of that stage alone (fwd + bwd for training);
 - a roofline: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per step, and images per second per chip, with the
   peak figures used (Google's Cloud TPU documentation, per chip, bf16);
+- the operations that move the most bytes (`largest_operations`, from segnext_jax.hlo_bytes), to find where a
+  memory-bound step spends its time;
 - compile time and the compiling process's peak host RAM;
 - optionally the largest per-chip batch that compiles within HBM (`largest_batch_per_chip`, by bisection).
 
@@ -44,7 +46,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from segnext_jax import backend, configuration, models, sharding
+from segnext_jax import backend, configuration, hlo_bytes, models, sharding
 from segnext_jax.evaluation import inference
 from segnext_jax.training import train
 
@@ -82,7 +84,10 @@ class CompileError(RuntimeError):
 
 def use_host_cpu_only() -> None:
     """Keeps JAX's own backends on the host CPU (the TPU devices come from the topology, compile-only). Call before
-    any JAX computation; a no-op once backends are initialised with JAX_PLATFORMS set."""
+    any JAX computation; a no-op once backends are initialised with JAX_PLATFORMS set. Also lets several processes
+    load libtpu at once (ALLOW_MULTIPLE_LIBTPU_LOAD): compiling claims no TPU, and libtpu's lock file would otherwise
+    refuse a second compile on the host ("Internal error when accessing libtpu multi-process lockfile")."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")
 
@@ -122,23 +127,22 @@ def _with_sharding(tree: Any, target: jax.sharding.Sharding) -> Any:
 
 def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
     """The config's model with shapes only (`nnx.eval_shape`): no parameter is allocated or initialised."""
-    return nnx.eval_shape(lambda: models.create(**config.model.to_dict(), rngs=nnx.Rngs(jax.random.key(config.seed))))
+    key = jax.random.key(config.seed)
+    return nnx.eval_shape(lambda: configuration.create_model(config.model.to_dict(), rngs=nnx.Rngs(key)))
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[nnx.GraphDef, train.TrainState]:
-    """`train.init_state`'s graph definition and state as shapes replicated over `mesh`, built with
+def abstract_train_state(
+    config: ml_collections.ConfigDict, mesh: Mesh
+) -> tuple[nnx.GraphDef, train.TrainState, train.Optimizer]:
+    """`train.init_state`'s graph definition, state as shapes replicated over `mesh`, and optimiser, built with
     `nnx.eval_shape` (compile-only devices refuse concrete arrays; pretrained weights change no shape)."""
-
-    def build():
-        init_key, train_key = jax.random.split(jax.random.key(config.seed))
-        model = models.create(**config.model.to_dict(), rngs=nnx.Rngs(init_key))
-        params = nnx.as_pure(nnx.state(model, nnx.Param))
-        return model, train.make_tx(params, config).init(params), train_key
-
-    model, opt_state, rng = nnx.eval_shape(build)
+    model = abstract_model(config)
     graphdef, model_state = nnx.split(model)
-    state = {"model": model_state, "opt_state": opt_state, "rng": rng}
-    return graphdef, _with_sharding(state, sharding.replicated_sharding(mesh))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    optimizer = train.Optimizer(config, params)
+    rng = jax.eval_shape(lambda: jax.random.split(jax.random.key(config.seed))[1])
+    state = {"model": model_state, "opt_state": jax.eval_shape(optimizer.tx.init, params), "rng": rng}
+    return graphdef, _with_sharding(state, sharding.replicated_sharding(mesh)), optimizer
 
 
 def eval_input_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -160,7 +164,7 @@ def lower_train(
 ) -> jax.stages.Lowered:
     """`train.train_step` lowered for `mesh` at `global_batch` images of `image_size`, under the backend policy of
     `target` (default: the mesh's devices)."""
-    graphdef, state = abstract_train_state(config, mesh)
+    graphdef, state, optimizer = abstract_train_state(config, mesh)
     data, replicated = sharding.data_sharding(mesh), sharding.replicated_sharding(mesh)
     h, w = image_size
     batch = {
@@ -168,7 +172,7 @@ def lower_train(
         "label": jax.ShapeDtypeStruct((global_batch, h, w), jnp.int32, sharding=data),
     }
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    static = {"graphdef": graphdef, "config": ml_collections.FrozenConfigDict(config), "mesh": mesh}
+    static = {"graphdef": graphdef, "optimizer": optimizer, "mesh": mesh}
     with backend.use(mesh if target is None else target):
         return train.train_step.lower(state, batch, step, **static)
 
@@ -216,7 +220,7 @@ def _block_cost(
         block.eval()
     graphdef, params, rest = nnx.split(block, nnx.Param, ...)
     dtype = models.DTYPES[config.model.dtype]
-    shape = (batch, *size, models.VARIANTS[config.model.variant].embed_dims[stage])
+    shape = (batch, *size, configuration.architecture(config.model.variant).embed_dims[stage])
     target = sharding.data_sharding(mesh) if training else NamedSharding(mesh, PartitionSpec())
     x = jax.ShapeDtypeStruct(shape, dtype, sharding=target)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -260,7 +264,7 @@ def _scan_correction(
 ) -> list[dict[str, Any]]:
     """Per scanned stage: its blocks, the while loops that run them (forward, and backward in training, per
     micro-step), and one block's cost per chip (`_block_cost`: the forward body plus the backward body)."""
-    variant = models.VARIANTS[config.model.variant]
+    variant = configuration.architecture(config.model.variant)
     policy = backend.policy_for(mesh)
     training = program == "train"
     micro_steps = config.train.grad_accum_steps if training else 1
@@ -297,7 +301,8 @@ def analyse(
         bytes_accessed += extra * stage["block_cost"]["bytes accessed"]
     compute_seconds, memory_seconds = flops / chip.peak_flops, bytes_accessed / chip.hbm_bandwidth
     step_seconds = max(compute_seconds, memory_seconds)
-    trip_counts = while_trip_counts(compiled.as_text())
+    hlo_text = compiled.as_text()
+    trip_counts = while_trip_counts(hlo_text)
     expected = Counter()
     for stage in scanned_stages:
         expected[stage["blocks"]] += stage["loops"]
@@ -334,7 +339,19 @@ def analyse(
         "roofline_bound": "memory" if memory_seconds >= compute_seconds else "compute",
         "estimated_step_seconds": step_seconds,
         "estimated_images_per_second_per_chip": images_per_chip / step_seconds if step_seconds else None,
+        "largest_operations": _largest_operations(hlo_text),
     }
+
+
+def _largest_operations(hlo_text: str, count: int = 12) -> list[dict[str, Any]]:
+    """The operations that move the most bytes (segnext_jax.hlo_bytes), with their share of all operations'."""
+    ops = hlo_bytes.operations(hlo_text)
+    total = sum(op.bytes for op in ops) or 1.0
+    return [
+        {"bytes": op.bytes, "share": op.bytes / total, "trips": op.trips, "opcode": op.opcode, "shape": op.shape,
+         "op_name": op.op_name}
+        for op in ops[:count]
+    ]  # fmt: skip
 
 
 def _host_peak_rss_bytes() -> int:
@@ -354,7 +371,7 @@ def _available_host_bytes() -> int | None:
 
 def host_ram_note(config: ml_collections.ConfigDict, program: str = "train") -> str:
     """One line: about how much host RAM compiling the config's `program` takes, and how much is free now."""
-    variant = config.model.variant
+    variant = configuration.variant_name(config.model.variant)
     known = {v: gib for (v, p), gib in HOST_RAM_GIB.items() if p == program}
     needed = known.get(variant, max(known.values()))
     measured = ", ".join(f"SegNeXt-{v.upper()} {gib} GiB" for v, gib in known.items())
@@ -399,7 +416,7 @@ def compile_program(
     logging.info(
         "compiling the %s step of SegNeXt-%s for %s (%d x %s, %d images)",
         program,
-        config.model.variant.upper(),
+        configuration.variant_name(config.model.variant).upper(),
         topology,
         *image_size,
         global_batch,
@@ -550,6 +567,8 @@ def summary(report: dict[str, Any]) -> str:
         "per chip at best",
         f"  host RAM peak {report['host_peak_rss_bytes'] / gib:.1f} GiB",
     ]
+    for op in report.get("largest_operations", [])[:3]:
+        lines.append(f"  {op['share']:5.1%} of the bytes: {op['opcode']} {op['shape'][:60]} from {op['op_name'][-70:]}")
     if "largest_batch_per_chip" in report:
         lines.append(f"  largest batch per chip that fits: {report['largest_batch_per_chip']}")
     return "\n".join(lines)

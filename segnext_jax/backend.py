@@ -3,12 +3,16 @@
 The models and the loss say what they compute; a `Policy` says how, for one platform:
 - `depthwise_impl`: the depth-wise convolutions' implementation (segnext_jax.models.depthwise): the native C++
   kernels on CPU (float32; `shift_add` for other dtypes or where the kernels do not build), XLA's grouped
-  convolution on GPU and TPU.
+  convolution on GPU, `shift_add` on TPU: XLA:TPU computes a grouped convolution's weight gradient from a copy of the
+  input unfolded per tap (21 copies of the activations for a 1x21 strip), which made up most of the training step's
+  memory traffic (see `largest_operations` in the compile report of segnext_jax.aot).
 - `loss_impl`: the training loss (segnext_jax.training.loss): native C++ kernels on CPU, XLA elsewhere.
 - `fusion_barrier`: whether the blocks' residual-stream gradient passes the CPU fusion barrier
   (segnext_jax.kernels.fusion_barrier) where the native depth-wise kernels run the block.
 - `max_inlined_blocks`: stages with at most this many blocks run block after block, deeper ones as one
   `jax.lax.scan` (segnext_jax.models.mscan.run_blocks).
+- `remat_blocks`: whether a scanned stage recomputes each block's activations in the backward pass
+  (`jax.checkpoint`) instead of keeping them: on TPU, where HBM bounds the batch and the step is memory-bound.
 
 The platform is that of the target devices: the mesh's a program is compiled for (`policy_for(mesh)`), or one named
 explicitly. A program traced inside `with use(mesh):` (or `use("tpu")`, or `use(policy)`) follows that target's
@@ -53,6 +57,7 @@ class Policy:
     loss_impl: str
     fusion_barrier: bool
     max_inlined_blocks: int
+    remat_blocks: bool = False
 
     def depthwise(self, dtype: Any) -> str:
         """The depth-wise implementation for inputs of `dtype`: the native kernels compute float32 only."""
@@ -93,8 +98,10 @@ def policy_for(target: Target = None) -> Policy:
     if isinstance(target, Policy):
         return target
     platform = platform_of(target)
-    if platform != "cpu":  # XLA's own grouped convolution, loss and fusion; every multi-block stage scanned
-        return Policy(platform, "xla", "xla", fusion_barrier=False, max_inlined_blocks=1)
+    if platform == "gpu":  # XLA's own grouped convolution, loss and fusion; every multi-block stage scanned
+        return Policy("gpu", "xla", "xla", fusion_barrier=False, max_inlined_blocks=1)
+    if platform == "tpu":
+        return Policy("tpu", "shift_add", "xla", fusion_barrier=False, max_inlined_blocks=1, remat_blocks=True)
     native_depthwise = depthwise_kernels.available()
     return Policy(
         "cpu",

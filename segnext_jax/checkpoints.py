@@ -6,10 +6,10 @@ A training workdir:
     WORKDIR/checkpoints/<step>/metrics   validation metrics, when the step was evaluated
     WORKDIR/checkpoints/<step>/_CHECKPOINT_METADATA   orbax's step metadata; its custom_metadata["checksums"] holds
                                          the shape, dtype and CRC-32 of every array of the state tree
-    WORKDIR/checkpoints/metadata/        JSON given to `make_manager`: {"model": models.create kwargs, "config": ...}
+    WORKDIR/checkpoints/metadata/        JSON given to `make_manager`: {"model": the model record, "config": ...}
     WORKDIR/damaged_checkpoints/<step>   steps that `restore_latest` found damaged, moved aside (never deleted)
 A model directory (`save_model`, e.g. written by the PyTorch converter):
-    DIR/segnext.json                     {"format": MODEL_FORMAT, "model": models.create kwargs, "checksums": ...}
+    DIR/segnext.json                     {"format": MODEL_FORMAT, "model": the model record, "checksums": ...}
     DIR/state/                           orbax checkpoint of nnx.state(model)
 
 Saves are asynchronous and atomic: orbax writes a step into a temporary directory and renames it when complete, so a
@@ -47,7 +47,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from segnext_jax import models, paths
+from segnext_jax import configuration, paths
 
 BEST_METRIC = "mIoU"  # the validation metric that picks the best checkpoint (higher is better)
 MODEL_INFO = "segnext.json"
@@ -90,7 +90,7 @@ def make_manager(
     """Opens (or creates) WORKDIR/checkpoints: asynchronous saves, the last `keep` steps plus the best one kept.
 
     `metadata` (JSON-serialisable) is recorded once per workdir; its "model" entry (the keyword arguments of
-    `segnext_jax.models.create`, i.e. `config.model.to_dict()`) lets `restore_model` rebuild the network. Reopening a
+    `configuration.model_record(config)`) lets `restore_model` rebuild the network. Reopening a
     workdir with a different variant or class count is a CheckpointMismatchError, so a run never mixes checkpoints of
     two models. `save` writes a step when `save_every` divides it, on the first call, at a multi-host preemption sync
     point, or when forced. A step whose metrics file is garbled (orbax could not even open the workdir) is moved to
@@ -513,11 +513,11 @@ def save_model(model: nnx.Module, path: str, metadata: dict[str, Any], *, overwr
 def load(path: str, step: int | str = "latest") -> tuple[nnx.Module, dict[str, Any]]:
     """(model in eval mode, its recorded metadata) of a model directory (`save_model`) or a training workdir.
 
-    For a workdir, `step` picks the checkpoint ('latest', 'best', a step number; see `checkpoint_step`) and the
-    metadata is {"model": ..., "config": ..., "step": the step loaded}; for a model directory it is segnext.json's
-    content. The arrays are placed on the first local device. Nothing is ever moved: a damaged checkpoint is a
-    DamagedCheckpointError naming the intact steps, a tree that does not fit its recorded model a
-    CheckpointMismatchError.
+    For a workdir, `step` picks the checkpoint ('latest', 'best' or a step number) and the metadata is
+    {"model": ..., "config": ..., "step": the step loaded}; for a model directory it is segnext.json's content
+    (`segnext_jax.serving.loading.load` also reads PyTorch checkpoint files). The arrays are placed on the first
+    local device. Nothing is ever moved: a damaged checkpoint is a DamagedCheckpointError naming the intact steps, a
+    tree that does not fit its recorded model a CheckpointMismatchError.
     """
     directory = epath.Path(paths.resolve(path))
     if (directory / MODEL_INFO).exists():
@@ -545,18 +545,6 @@ def load(path: str, step: int | str = "latest") -> tuple[nnx.Module, dict[str, A
 def restore_model(path: str, step: int | str = "latest") -> nnx.Module:
     """The model of a model directory or training workdir, in eval mode (`load` without the metadata)."""
     return load(path, step)[0]
-
-
-def load_for_eval(path: str, step: int | str = "latest") -> tuple[int, nnx.Module]:
-    """(step number, model) for `--mode=eval`: the step loaded from a workdir, 0 for a model directory."""
-    model, info = load(path, step)
-    return info.get("step", 0), model
-
-
-def checkpoint_step(path: str, step: int | str = "latest") -> int:
-    """The step number that 'latest', 'best' or N names among PATH/checkpoints (read only; one-line errors)."""
-    with _open_read_only(epath.Path(paths.resolve(path)), path) as manager:
-        return _pick_step(manager, path, step)
 
 
 def _model_info(directory: epath.Path, given: str) -> dict[str, Any]:
@@ -639,7 +627,7 @@ def _pick_step(manager: ocp.CheckpointManager, given: str, step: int | str) -> i
 
 
 def _abstract_model(model_kwargs: dict[str, Any]) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graph definition and abstract state (shapes only) of the model `models.create(**model_kwargs)` builds."""
+    """Graph definition and abstract state (shapes only) of the model a model record describes."""
     return _abstract_model_cached(json.dumps(model_kwargs, sort_keys=True))
 
 
@@ -647,7 +635,7 @@ def _abstract_model(model_kwargs: dict[str, Any]) -> tuple[nnx.GraphDef, nnx.Sta
 def _abstract_model_cached(model_kwargs_json: str) -> tuple[nnx.GraphDef, nnx.State]:
     # Tracing the constructor takes seconds; loading several checkpoints of one model pays it once.
     model_kwargs = json.loads(model_kwargs_json)
-    return nnx.split(nnx.eval_shape(lambda: models.create(**model_kwargs, rngs=nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: configuration.create_model(model_kwargs, rngs=nnx.Rngs(0))))
 
 
 def _on_first_device(abstract: nnx.State) -> nnx.State:

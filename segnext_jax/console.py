@@ -7,8 +7,13 @@ Left out of the console (all of it still goes to the log file of `log_to_file`):
 - asyncio's reports of the same failure in orbax's and TensorStore's unfinished writes, at exit.
 """
 
+import functools
 import logging
 import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 from absl import logging as absl_logging
 
@@ -61,3 +66,30 @@ def log_to_file(path: str) -> str:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
     logging.getLogger().addHandler(handler)
     return path
+
+
+# How the command lines end: a user's error is one line (each command names the errors that are the user's); any
+# other exception is our bug and keeps its traceback, followed by a hint to report it.
+BUG_HINT = (
+    "this is a bug in segnext_jax, not a problem with your input: please report it with the command and the "
+    "traceback above"
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def reporting_bugs(main: Callable[P, R]) -> Callable[P, R]:
+    """`main` with an unexpected exception printed as its traceback plus BUG_HINT, exit status 1 (as Python's own
+    for an uncaught exception). SystemExit and KeyboardInterrupt pass through unchanged."""
+
+    @functools.wraps(main)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return main(*args, **kwargs)
+        except Exception:
+            traceback.print_exc()
+            print(BUG_HINT, file=sys.stderr)
+            sys.exit(1)
+
+    return run

@@ -34,29 +34,13 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
-from segnext_jax import console, paths
+from segnext_jax import console, onnx_export, paths
 from segnext_jax.evaluation import inference
-from segnext_jax.models import depthwise, draw_nmf_bases
+from segnext_jax.models import depthwise
+from segnext_jax.serving import loading
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
 FORMATS = ("jaxexport", "onnx")
-
-
-def seeded_nmf_bases(model: nnx.Module, seed: int) -> jax.Array:
-    """The NMF bases (S, D, R) that `infer_logits(model, images, key=jax.random.key(seed))` draws for the first
-    image of `images` (its whole-image network call)."""
-    splits, dim, rank = inference.nmf_bases_shape(model)
-    (key,) = inference.fold_keys(inference.image_keys(jax.random.key(seed), 1), 0)
-    return draw_nmf_bases(key, 1, dim, rank, splits)
-
-
-def baked_nmf_bases(model: nnx.Module, seed: int | None) -> jax.Array | None:
-    """The bases (S, D, R) an export bakes in: those of `seed` if given, else the stored bases of a model built with
-    nmf_bases='fixed', else None."""
-    if seed is not None:
-        return seeded_nmf_bases(model, seed)
-    stored = model.fixed_nmf_bases(1)
-    return None if stored is None else stored.reshape(inference.nmf_bases_shape(model))
 
 
 def export_model(
@@ -77,7 +61,7 @@ def export_model(
     model = nnx.clone(model)
     # the artifact must run without this package: no calls into its C++ kernels (the 'native' depth-wise form)
     depthwise.set_implementation(model, "portable")
-    baked = baked_nmf_bases(model, nmf_seed)
+    baked = inference.baked_nmf_bases(model, nmf_seed)
     graphdef, state = nnx.split(model)
     (batch,) = jax.export.symbolic_shape("b")
     images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
@@ -163,8 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dynamic_size", action="store_true", help="onnx: any height and width, multiples of 32 (no --height/--width)"
     )
     args = parser.parse_args(argv)
-    from segnext_jax import onnx_export  # here: it imports this module (jax2onnx itself only when it converts)
-
     is_onnx = args.format == "onnx"
     if (args.dynamic_size or args.nmf_bases == "input") and not is_onnx:
         parser.error("--dynamic_size and --nmf_bases=input apply to --format=onnx only")
@@ -188,12 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
-    from segnext_jax.predict import load_checkpoint
-    from weights_conversion import CHECKPOINT_ERRORS
-
     try:
-        model, _ = load_checkpoint(checkpoint)
-    except (*CHECKPOINT_ERRORS, OSError) as error:  # a bad checkpoint, or the file system refusing: not our bugs
+        model, _ = loading.load(checkpoint)
+    except (*loading.CHECKPOINT_ERRORS, OSError) as error:  # a bad checkpoint, or the file system refusing
         print(f"error: {error}", file=sys.stderr)
         return 1
     artifact = epath.Path(output)
@@ -235,4 +214,4 @@ def onnx_summary(proto) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console.reporting_bugs(main)())

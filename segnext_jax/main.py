@@ -32,6 +32,7 @@ from segnext_jax import aot, checkpoints, configuration, console, paths, shardin
 from segnext_jax.data import pipeline
 from segnext_jax.evaluation import evaluate
 from segnext_jax.kernels import build
+from segnext_jax.serving import loading
 from segnext_jax.training import interrupts, train, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ade20k_t.py.", lock_config=True)
@@ -50,7 +51,9 @@ _FIND_MAX_BATCH = flags.DEFINE_bool(
     "find_max_batch", False, "--mode=compile: also search the largest per-chip batch that fits (a compile per try)."
 )
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "--mode=eval: a training workdir or model directory to evaluate (default: --workdir)."
+    "checkpoint",
+    None,
+    "--mode=eval: a training workdir, model directory or PyTorch .pth to evaluate (default: --workdir).",
 )
 _STEP = flags.DEFINE_string("step", "latest", "--mode=eval in a training workdir: 'latest', 'best' or a step number.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for custom launchers.")
@@ -88,12 +91,19 @@ def _unknown_key_message(error: Exception, argv: list[str]) -> str:
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None, step: str) -> None:
-    """Evaluates a checkpoint (step N of a workdir; step 0 for a model directory) into WORKDIR/eval/step_<N>.json."""
-    number, model = checkpoints.load_for_eval(checkpoint or workdir, step)
+    """Evaluates a checkpoint (step N of a workdir; step 0 for a model directory or .pth) into
+    WORKDIR/eval/step_<N>.json."""
+    model, metadata = loading.load(checkpoint or workdir, step)
+    number = metadata.get("step", 0)
     results = evaluate.evaluate(model, config, step=number, workdir=workdir)
     logging.info(
         "done: step %d: mIoU %.4f, mAcc %.4f, aAcc %.4f; results: %s/eval/step_%d.json",
-        number, results["mIoU"], results["mAcc"], results["aAcc"], workdir, number,
+        number,
+        results["mIoU"],
+        results["mAcc"],
+        results["aAcc"],
+        workdir,
+        number,
     )
 
 
@@ -117,8 +127,7 @@ USER_ERRORS = (
     train.NonFiniteError,
     workdir_lock.WorkdirLockedError,
     checkpoints.SaveError,
-    checkpoints.DamagedCheckpointError,
-    checkpoints.CheckpointMismatchError,
+    *loading.CHECKPOINT_ERRORS,
     aot.CompileError,
 )
 # OS errors of a full or read-only disk, or a folder the run may not write to.
@@ -174,8 +183,13 @@ def main(argv: list[str]) -> None:
     else:
         enable_compilation_cache(_COMPILATION_CACHE.value)
         sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        logging.info("%s on %d %s devices, %d processes", _MODE.value, jax.device_count(), jax.default_backend(),
-                     jax.process_count())
+        logging.info(
+            "%s on %d %s devices, %d processes",
+            _MODE.value,
+            jax.device_count(),
+            jax.default_backend(),
+            jax.process_count(),
+        )
     try:
         status = run(_MODE.value, config, workdir)
     except USER_ERRORS as error:
@@ -198,4 +212,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(console.reporting_bugs(main), flags_parser=parse_flags)

@@ -1,12 +1,11 @@
 """Huge pages for glibc's malloc, turned on by the command-line entry points.
 
 XLA:CPU maps a program's temporaries afresh on every call: with 4 kB pages a SegNeXt-B training step (batch 2,
-512 x 512) takes about a million page faults, 30-40% of its time on a 2-core VM. glibc >= 2.35 backs malloc's
-memory with transparent huge pages when GLIBC_TUNABLES holds glibc.malloc.hugetlb=1 (30x fewer faults), but reads
-that only when a process starts, so `python -m segnext_jax.main` and scripts/benchmark.py restart themselves once
-with it set. SEGNEXT_JAX_HUGE_PAGES=0 (exactly 0), or any glibc.malloc.hugetlb value of your own, leaves the
-environment as is;
-elsewhere than Linux nothing changes, and an older glibc ignores the setting.
+512 x 512) takes a page fault per 4 kB of temporaries, a large share of its time on a small VM (benchmarks/README.md).
+glibc >= 2.35 backs malloc's memory with transparent huge pages when GLIBC_TUNABLES holds glibc.malloc.hugetlb=1, but
+reads that only when a process starts, so `python -m segnext_jax.main` and scripts/benchmark.py restart themselves
+once with it set. SEGNEXT_JAX_HUGE_PAGES=0 (exactly 0), or any glibc.malloc.hugetlb value of your own, leaves the
+environment as is; elsewhere than Linux nothing changes, and an older glibc ignores the setting.
 """
 
 from __future__ import annotations

@@ -35,7 +35,6 @@ from flax import nnx
 
 from segnext_jax import backend
 from segnext_jax.evaluation import inference
-from segnext_jax.export import baked_nmf_bases, seeded_nmf_bases
 from segnext_jax.models import depthwise
 from segnext_jax.models.layers import resize_bilinear
 
@@ -119,9 +118,9 @@ def export_onnx(
     splits, dim, rank = inference.nmf_bases_shape(model)
     baked = None
     if not nmf_bases_input:
-        baked = baked_nmf_bases(model, nmf_seed)
+        baked = inference.baked_nmf_bases(model, nmf_seed)
         if baked is None:  # a model that draws random bases: those of seed 0
-            baked = seeded_nmf_bases(model, 0)
+            baked = inference.seeded_nmf_bases(model, 0)
     graphdef, state = nnx.split(model)
     dynamic = height is None
 

@@ -6,7 +6,7 @@ batch axis, i.e. over the global batch (the reference's SyncBN), with no `axis_n
 
 The mesh axis is `AxisType.Auto`, not `jax.make_mesh`'s default Explicit: Auto leaves the partitioning of every
 intermediate to XLA (as pjit always did), while Explicit puts shardings into the types and asks for annotations where
-they are ambiguous (jax_stack_notes.md §2.1 reports ShardingTypeErrors in backward passes on Explicit meshes).
+they are ambiguous (backward passes on Explicit meshes can raise ShardingTypeErrors).
 """
 
 import glob
@@ -43,20 +43,10 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def host_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """Images each process loads per step: its share of `global_batch_size`, which must split evenly over devices."""
-    num_devices = mesh.devices.size
-    if global_batch_size % num_devices:
-        raise ValueError(
-            f"config.train.global_batch_size={global_batch_size} must be a multiple of the {num_devices} devices"
-        )
-    return global_batch_size // jax.process_count()
-
-
 def global_batch(host_batch: Any, mesh: Mesh) -> Any:
     """Turns this process's batch (a pytree of numpy arrays, leading axis = its share) into global sharded arrays.
 
-    Every process calls it with its own `host_batch_size` examples; the global batch is the processes' batches
+    Every process calls it with its own share of the global batch; the global batch is the processes' batches
     concatenated in process order, each device holding a consecutive block of rows.
     """
     sharding = data_sharding(mesh)

@@ -37,7 +37,7 @@ def import_mmseg():
     return sys.modules["mmseg"]
 
 
-# The reference's architecture per variant: embed dims, depths, head channels, NMF rank (segnext_reference.md §3.1).
+# The reference's architecture per variant: embed dims, depths, head channels, NMF rank (mmseg 1.2.2 configs/segnext).
 REFERENCE_VARIANTS = {
     "t": ([32, 64, 160, 256], [3, 3, 5, 2], 256, 16),
     "s": ([64, 128, 320, 512], [2, 2, 4, 2], 256, 16),

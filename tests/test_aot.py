@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for Cloud TPU (segnext_jax.aot): the abstract state, the loop correction's parts, and
 with libtpu installed (pip install -e '.[tpu]') a real compilation of a small model for a v5e:2x2 slice."""
 
+import dataclasses
 import json
 import os
 import runpy
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from segnext_jax import aot, backend, models
+from segnext_jax import aot, backend, configuration, models
 from segnext_jax.training import train
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -24,10 +25,9 @@ REPORT_KEYS = {
 
 
 @pytest.fixture
-def tiny_config(monkeypatch):
-    monkeypatch.setitem(models.VARIANTS, "tiny", TINY)
-    config = runpy.run_path(os.path.join(CONFIGS, "base.py"))["make_config"]("ade20k", "t")
-    config.model.variant = "tiny"
+def tiny_config():
+    config = configuration.make_config("ade20k", "t")
+    config.model.variant = dataclasses.asdict(TINY)
     config.model.num_classes = 5
     config.init.pretrained = ""
     config.data.crop_size = (64, 64)
@@ -42,9 +42,9 @@ def _shapes(tree):
 
 def test_abstract_train_state_is_init_states_shapes(tiny_config):
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
-    graphdef, abstract = aot.abstract_train_state(tiny_config, mesh)
-    real_graphdef, real = train.init_state(tiny_config, mesh)
-    assert graphdef == real_graphdef
+    graphdef, abstract, optimizer = aot.abstract_train_state(tiny_config, mesh)
+    real_graphdef, real, real_optimizer = train.init_state(tiny_config, mesh)
+    assert graphdef == real_graphdef and optimizer == real_optimizer
     assert _shapes(abstract) == _shapes(real)
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(abstract))
 
@@ -83,8 +83,12 @@ def test_compiles_train_and_eval_for_a_v5e_slice_on_this_host(tiny_config, tmp_p
     for report, program, chips in ((train_report, "train", 4), (eval_report, "eval", 1)):
         assert REPORT_KEYS <= set(report)
         assert report["program"] == program and report["topology"] == "v5e:2x2" and report["chips"] == chips
-        assert report["policy"] == dict(platform="tpu", depthwise_impl="xla", loss_impl="xla", fusion_barrier=False,
-                                        max_inlined_blocks=1)  # fmt: skip
+        assert report["policy"] == dict(platform="tpu", depthwise_impl="shift_add", loss_impl="xla",
+                                        fusion_barrier=False, max_inlined_blocks=1, remat_blocks=True)  # fmt: skip
+        largest = report["largest_operations"]  # where the bytes go, heaviest first, named by their JAX operation
+        assert 0 < len(largest) <= 12 and sum(op["share"] for op in largest) <= 1
+        assert [op["bytes"] for op in largest] == sorted((op["bytes"] for op in largest), reverse=True)
+        assert any("jit(" in op["op_name"] for op in largest)
         assert 0 < report["hbm_bytes_per_chip"] < report["hbm_capacity_bytes"] == 16 * 2**30
         assert report["flops_per_chip"] > report["cost_analysis_uncorrected"]["flops"] > 0
         assert report["bytes_accessed_per_chip"] > report["cost_analysis_uncorrected"]["bytes accessed"] > 0

@@ -10,6 +10,7 @@ hand-computed counts.
 import json
 import os
 import re
+import subprocess
 import sys
 
 import jax
@@ -69,6 +70,34 @@ def test_benchmark_writes_markdown_and_json(tiny_variant, tmp_path):
     assert len(rows) == 1 and len(rows[0].split("|")) == 19
     assert report["machine"]["cpu"] in table
     assert "depthwise_impl xla (xla)" in table
+
+    # --append adds to today's file of that name (scripts/device_check.sh runs its groups so); without, it restarts
+    argv[argv.index("--eval_batches") + 1] = "1"
+    benchmark.main(argv + ["--output_dir", str(tmp_path), "--name", "smoke", "--append"])
+    with open(tmp_path / written[0]) as saved:
+        assert [r["batch"] for r in json.load(saved)["results"]] == [2, 1]
+    assert len((tmp_path / written[1]).read_text().split("| TINY |")) == 3
+    benchmark.main(argv + ["--output_dir", str(tmp_path), "--name", "smoke"])
+    with open(tmp_path / written[0]) as saved:
+        assert [r["batch"] for r in json.load(saved)["results"]] == [1]
+    assert sorted(os.listdir(tmp_path)) == written  # no temporary file left behind
+
+
+def test_device_check_plans_the_gpu_benchmark():
+    """scripts/device_check.sh's groups parse as benchmark.py flags and cover T and B evaluation at batch 1 and 16,
+    512 x 512 and 768 x 1536, and their bfloat16 training step at batch 16."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "device_check.sh")
+    result = subprocess.run(["bash", script, "--plan"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    planned = {line.removeprefix("plan: ") for line in result.stdout.splitlines() if line.startswith("plan: ")}
+    expected = {
+        repr(benchmark.Config(variant, "eval", batch, *size))
+        for variant in "tb"
+        for batch in (1, 16)
+        for size in ((512, 512), (768, 1536))
+    }
+    expected |= {repr(benchmark.Config(variant, "train", 16, 512, 512)) for variant in "tb"}
+    assert planned == expected
 
 
 def test_count_flops_table(tiny_variant, tmp_path):

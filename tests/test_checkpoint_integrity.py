@@ -310,8 +310,7 @@ def test_read_only_loads_name_the_damaged_step_and_move_nothing(tmp_path, segnex
     assert sorted(str(path) for path in workdir.rglob("*")) == listing  # read only: nothing moved
 
     with pytest.raises(FileNotFoundError, match=r"^--step=7: no such checkpoint in .*/run/checkpoints \(saved steps"):
-        checkpoints.checkpoint_step(str(workdir), "7")
-    assert checkpoints.checkpoint_step(str(workdir), "latest") == 2
+        checkpoints.load(str(workdir), "7")
 
 
 def test_model_directory_checksums(tmp_path, segnext, caplog):
@@ -341,10 +340,11 @@ def test_relative_paths_are_taken_from_the_working_directory(tmp_path, monkeypat
     checkpoints.wait_for_saves(manager)
     manager.close()
     assert (tmp_path / "runs" / "demo" / "checkpoints" / "5").is_dir()
-    _assert_trees_equal(nnx.state(checkpoints.restore_model("runs/demo")), nnx.state(segnext))
-    assert checkpoints.checkpoint_step("runs/demo", "latest") == 5
+    model, info = checkpoints.load("runs/demo")
+    assert info["step"] == 5
+    _assert_trees_equal(nnx.state(model), nnx.state(segnext))
     with pytest.raises(FileNotFoundError, match=r"^--step=best: no such checkpoint in runs/demo/checkpoints "):
-        checkpoints.checkpoint_step("runs/demo", "best")
+        checkpoints.load("runs/demo", "best")
 
     checkpoints.save_model(segnext, "models/t", {"model": MODEL_KWARGS})
     model = checkpoints.restore_model("runs/demo")

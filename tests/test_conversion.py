@@ -17,6 +17,8 @@ from test_model_parity import reference_bases, relative_error
 
 import weights_conversion.__main__ as command_line
 from segnext_jax import checkpoints, models
+from segnext_jax.models.naming import path_to_key
+from segnext_jax.serving.pytorch import export_state_dict, logger
 from weights_conversion import (
     StateDictMismatch,
     export_pytorch_state_dict,
@@ -24,7 +26,6 @@ from weights_conversion import (
     save_pytorch_checkpoint,
 )
 from weights_conversion.__main__ import main
-from weights_conversion.mapping import export_state_dict, path_to_key
 
 NUM_CLASSES = 19
 RTOL = 1e-5
@@ -125,7 +126,7 @@ def test_imagenet_backbone_fills_backbone_only(reference, tmp_path, caplog, vari
     model = models.create(variant, 7, rngs=nnx.Rngs(3))
     head_before = weights(model.decode_head)
 
-    with caplog.at_level(logging.INFO, logger="weights_conversion"):
+    with caplog.at_level(logging.INFO, logger=logger.name):
         assert load_pytorch_checkpoint(tmp_path / f"mscan_{variant}.pth", model) is model
 
     filled = nnx.state(model.backbone, nnx.Any(nnx.Param, nnx.BatchStat)).flat_state()
@@ -226,7 +227,7 @@ def test_command_line_both_ways_with_relative_paths(reference, tmp_path, monkeyp
     pth, model_dir = "segnext_t.pth", os.path.join("models", "segnext_t")
     torch.save(LAYOUTS["runner"][0](official_naming(source.state_dict()), "t"), pth)
 
-    with caplog.at_level(logging.INFO, logger="weights_conversion"):
+    with caplog.at_level(logging.INFO, logger=logger.name):
         assert main([pth, model_dir]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{pth}: SegNeXt-T, {NUM_CLASSES} classes; {len(expected)} tensors converted -> {model_dir}")

@@ -57,7 +57,7 @@ def test_index_and_palette_masks_keep_their_values(tmp_path):
     np.testing.assert_array_equal(data.load(data.records[0])["label"], grey)
     np.testing.assert_array_equal(data.load(data.records[1])["label"], palette)
 
-    examples = list(pipeline.make_eval_dataset("folder", root, test_scale=(64, 48), split="train"))
+    examples = list(pipeline.make_eval_dataset(sources.open_source("folder", root, "train")))
     np.testing.assert_array_equal(examples[0]["label"], grey)
     np.testing.assert_array_equal(examples[1]["label"], palette)
 
@@ -86,7 +86,7 @@ def test_rgb_masks_map_through_the_colours_of_classes_json(tmp_path, mode):
         spec = datasets.get_spec("folder", root)
         assert spec.class_names == tuple(COLOURS) and spec.palette == tuple(map(tuple, COLOURS.values()))
         assert spec.reduce_zero_label is reduce_zero_label
-        [example] = pipeline.make_eval_dataset("folder", root, test_scale=(64, 48), split="train")
+        [example] = pipeline.make_eval_dataset(sources.open_source("folder", root, "train"))
         np.testing.assert_array_equal(example["label"], expected)
     data_fakes.write_mask(f"{root}/masks/train/a.png", expected, "P")  # an index mask in the same dataset
     data = sources.open_source("folder", root, "train", reduce_zero_label=False)

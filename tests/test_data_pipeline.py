@@ -163,7 +163,7 @@ def test_lower_pixel_limit_applies_to_training_and_evaluation(ade):
         _take(iter(_train(ade, bad_example="stop", max_image_pixels=2700)), 5)
     _take(iter(_train(ade, bad_example="stop", max_image_pixels=2760)), 5)
     with pytest.raises(pipeline.BadDataError, match=r"^bad evaluation example: .*ADE_val_00000000.jpg: 56 x 40 = "):
-        list(pipeline.make_eval_dataset("ade20k", ade, test_scale=(80, 24), max_image_pixels=2000))
+        list(pipeline.make_eval_dataset(sources.open_source("ade20k", ade, "val"), max_image_pixels=2000))
 
 
 def test_multiworker_prefetch_resumes_through_orbax_and_counts_skips(tmp_path):
@@ -191,20 +191,22 @@ def test_multiworker_prefetch_resumes_through_orbax_and_counts_skips(tmp_path):
         manager.close()
 
 
-def test_eval_examples_keep_original_labels(ade):
-    spec = datasets.DATASETS["ade20k"]
-    examples = list(pipeline.make_eval_dataset("ade20k", ade, test_scale=(80, 24)))
-    records = datasets.list_examples(spec, ade, "val")
-    assert [e["name"] for e in examples] == [r["name"] for r in records] and pipeline.num_examples("ade20k", ade) == 3
+def test_eval_examples_are_the_original_images_and_labels_with_their_index(ade):
+    """Evaluation reads images at their own size (inference resizes them once per test scale); each example carries
+    its position in the split, which seeds its NMF bases; a process reads every process_count-th example."""
+    data = sources.open_source("ade20k", ade, "val")
+    examples = list(pipeline.make_eval_dataset(data))
+    records = datasets.list_examples(datasets.DATASETS["ade20k"], ade, "val")
+    assert [e["name"] for e in examples] == [r["name"] for r in records] and len(data.records) == 3
+    assert [e["index"] for e in examples] == [0, 1, 2]
     for example, record in zip(examples, records, strict=True):
-        loaded = loading.load_example(record, spec)
-        height, width = loaded["label"].shape
-        assert example["image"].shape == (*transforms.keep_ratio_size(height, width, (80, 24)), 3)
-        assert example["image"].dtype == np.float32 and example["label"].dtype == np.int32
+        loaded = loading.load_example(record, data.spec)
+        np.testing.assert_array_equal(example["image"], loaded["image"])
+        assert example["image"].dtype == np.uint8 and example["label"].dtype == np.int32
         np.testing.assert_array_equal(example["label"], loaded["label"])
         assert 255 in example["label"] and example["label"].max() == 255  # reduce_zero_label: raw 0 -> 255
-    shard = list(pipeline.make_eval_dataset("ade20k", ade, test_scale=(80, 24), process_index=1, process_count=2))
-    assert [e["name"] for e in shard] == [records[1]["name"]]
+    shard = list(pipeline.make_eval_dataset(data, process_index=1, process_count=2))
+    assert [(e["name"], e["index"]) for e in shard] == [(records[1]["name"], 1)]
 
 
 def test_demo_data_is_deterministic_varied_and_split_seeded():

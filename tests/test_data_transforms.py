@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from oracle import import_mmseg
 
 from segnext_jax.data import transforms
+from segnext_jax.evaluation import inference
 
 MEAN = [123.675, 116.28, 103.53]
 STD = [58.395, 57.12, 57.375]
@@ -251,11 +252,13 @@ def test_normalize_and_pad_equal_seg_data_preprocessor(mm):
     np.testing.assert_array_equal(ours_label, ref_label)
 
 
-def test_eval_transform_equals_mmseg_test_pipeline(mm):
+def test_test_preprocessing_equals_mmseg_test_pipeline(mm):
+    """Evaluation's and prediction's one preprocessing path, `inference.network_input`: mmseg's test Resize then
+    SegDataPreProcessor (whose padding to a multiple of 32 the inference code does)."""
     image, label = _image(11, 75, 100), _label(12, 75, 100)
     resized = mm["mmseg"].Resize(scale=(160, 64), keep_ratio=True)({"img": _bgr(image)})["img"]
     ref_image, _ = _reference_preprocess(mm, resized, label, training=False, divisor=32)
-    ours = transforms.eval_transform(image, (160, 64))
+    ours = inference.network_input(image[None], test_scale=(160, 64))[0]
     assert ours.shape == (64, 85, 3) and ref_image.shape == (64, 96, 3)  # the reference pads to a multiple of 32
     np.testing.assert_array_equal(ours, ref_image[: ours.shape[0], : ours.shape[1]])
 

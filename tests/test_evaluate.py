@@ -34,9 +34,8 @@ def config():
 @pytest.fixture(scope="module")
 def model():
     """A random tiny SegNeXt in evaluation mode (its predictions are varied enough to exercise every class)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(models.VARIANTS, "tiny", models.Variant((32, 32, 64, 64), (1, 1, 1, 1), 0.1, 64, 8))
-        model = models.create("tiny", 6, rngs=nnx.Rngs(3), depthwise_impl="xla")
+    tiny = models.Variant((32, 32, 64, 64), (1, 1, 1, 1), 0.1, 64, 8)
+    model = models.create(tiny, 6, rngs=nnx.Rngs(3), depthwise_impl="xla")
     model.eval()
     return model
 
@@ -89,16 +88,21 @@ def test_scores_are_repeatable_and_written(model, config, scored):
     assert overlays == ["demo_val_00000.png", "demo_val_00001.png", "demo_val_00002.png"]
 
 
-def test_overlay_is_image_ground_truth_prediction():
-    image = np.full((2, 2, 3), 100, np.uint8)
-    label = np.array([[0, 255], [1, 0]])
-    prediction = np.array([[1, 1], [0, 0]])
-    palette = np.array([(0, 0, 0), (200, 100, 0)], np.uint8)
-    panel = evaluate.overlay(image, label, prediction, palette)
-    class0, class1 = [50, 50, 50], [150, 100, 50]  # half image, half class colour
-    np.testing.assert_array_equal(panel[:, :2], image)
-    np.testing.assert_array_equal(panel[:, 2:4], [[class0, [100, 100, 100]], [class1, class0]])  # 255: the image
-    np.testing.assert_array_equal(panel[:, 4:], [[class1, class1], [class0, class0]])
+def test_mixed_sizes_score_as_one_image_at_a_time_and_draw_the_first_images(model, tmp_path):
+    """Images are batched by size, so they may run out of order (sizes A B A B with batches of 2: images 0 and 2
+    first); the scores equal those of one image at a time and the overlays are still of the split's first images."""
+    sizes = [(32, 40), (40, 32), (32, 40), (40, 32)]
+    masks = {f"v{i}": data_fakes.random_label(*size, 0, 6, seed=i) for i, size in enumerate(sizes)}
+    root = data_fakes.make_folder(str(tmp_path / "data"), {"val": masks}, [f"class {k}" for k in range(6)])
+    config = runpy.run_path(os.path.join(REPO, "configs", "demo.py"))["get_config"]()
+    config.data.dataset, config.data.root, config.data.test_scale = "folder", root, (64, 32)
+    config.eval.batch_size, config.train.sample_predictions = 2, 2
+    paired = evaluate.evaluate(model, config, step=1, workdir=str(tmp_path / "paired"))
+    config.eval.batch_size = 1
+    alone = evaluate.evaluate(model, config, step=1)
+    for name in ("aAcc", "mIoU", "mAcc"):
+        assert paired[name] == pytest.approx(alone[name], abs=1e-6)
+    assert sorted(os.listdir(tmp_path / "paired" / "eval" / "step_1")) == ["v0.png", "v1.png"]
 
 
 def test_image_over_the_configured_pixel_limit_stops_evaluation_in_one_line(model, tmp_path):

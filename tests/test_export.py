@@ -30,6 +30,7 @@ np.save(sys.argv[3], np.asarray(exported.call(np.load(sys.argv[2]), np.int32(sys
 
 @pytest.fixture(scope="module")
 def tiny_model():
+    """The tiny model, registered as variant 'tiny' for the module: its model directories name it."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(models.VARIANTS, "tiny", TINY)
         model = models.create(**MODEL_KWARGS, rngs=nnx.Rngs(4))
@@ -78,9 +79,7 @@ def test_baked_bases_from_a_seed_and_from_a_fixed_bases_model(tiny_model, tmp_pa
         expected = inference.infer_logits(tiny_model, images[n : n + 1], key=jax.random.key(3))
         np.testing.assert_allclose(seeded[n : n + 1], expected, rtol=1e-5, atol=1e-6)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(models.VARIANTS, "tiny", TINY)
-        fixed = models.create(**MODEL_KWARGS, nmf_bases="fixed", rngs=nnx.Rngs(4))
+    fixed = models.create(**{**MODEL_KWARGS, "variant": TINY}, nmf_bases="fixed", rngs=nnx.Rngs(4))
     fixed.eval()
     stored = export.export_model(fixed, 40, 56).call(images)
     for n in (0, 1):  # the same weights as tiny_model (same rngs), with the stored bases
@@ -91,9 +90,7 @@ def test_baked_bases_from_a_seed_and_from_a_fixed_bases_model(tiny_model, tmp_pa
 def test_a_native_model_is_exported_without_the_native_kernels():
     """A model built with 'auto' (the C++ kernels on CPU) exports its depth-wise convolutions in the 'portable' form:
     no call into this package's kernels, which a jax-only process does not have."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(models.VARIANTS, "tiny", TINY)
-        model = models.create("tiny", 5, rngs=nnx.Rngs(0), depthwise_impl="native")
+    model = models.create(TINY, 5, rngs=nnx.Rngs(0), depthwise_impl="native")
     model.eval()
     exported = export.export_model(model, 32, 32)
     assert "segnext_depthwise" not in exported.mlir_module()
@@ -169,12 +166,12 @@ def test_command_line_option_errors(tmp_path, monkeypatch, capsys):
 
 def test_command_line_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
     """Only bad checkpoints are one-line errors: a ValueError from inside the loading is not hidden."""
-    from segnext_jax import predict
+    from segnext_jax.serving import loading
 
     def bug(path):
         raise ValueError("axes don't match array")
 
-    monkeypatch.setattr(predict, "load_checkpoint", bug)
+    monkeypatch.setattr(loading, "load", bug)
     (tmp_path / "model.pth").write_bytes(b"")
     argv = ["--checkpoint", str(tmp_path / "model.pth"), "--output", str(tmp_path / "m.jaxexport")]
     with pytest.raises(ValueError, match="axes don't match array"):

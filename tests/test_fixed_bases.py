@@ -2,6 +2,7 @@
 reference's computation with those bases passed explicitly, stay out of the optimiser, and survive checkpoints and the
 PyTorch converter."""
 
+import dataclasses
 import os
 import runpy
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from segnext_jax import checkpoints, models
+from segnext_jax import checkpoints, configuration, models
 from segnext_jax.models.ham_head import NMFBases
 from segnext_jax.training import train
 from weights_conversion import save_pytorch_checkpoint
@@ -19,27 +20,24 @@ from weights_conversion.__main__ import main as convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = models.Variant((32, 32, 64, 64), (1, 1, 1, 1), 0.1, 64, 8)
-KWARGS = {"variant": "tiny", "num_classes": 5, "depthwise_impl": "xla"}
+KWARGS = {"variant": dataclasses.asdict(TINY), "num_classes": 5, "depthwise_impl": "xla"}  # a config.model section
 BASES_SHAPE = (1, 64, 8)  # (S, D, R) of the tiny variant
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_variant():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(models.VARIANTS, "tiny", TINY)
-        yield
+def create(rngs: nnx.Rngs, **options) -> models.SegNeXt:
+    return configuration.create_model({**KWARGS, **options}, rngs=rngs)
 
 
 @pytest.fixture(scope="module")
 def fixed_model():
-    model = models.create(**KWARGS, nmf_bases="fixed", rngs=nnx.Rngs(4))
+    model = create(nnx.Rngs(4), nmf_bases="fixed")
     model.eval()
     return model
 
 
 @pytest.fixture(scope="module")
 def random_model():
-    model = models.create(**KWARGS, rngs=nnx.Rngs(4))
+    model = create(nnx.Rngs(4))
     model.eval()
     return model
 
@@ -91,23 +89,23 @@ def test_fixed_bases_make_calls_deterministic_and_equal_explicit_bases(fixed_mod
 
 
 def test_bases_from_a_seed_are_the_uniform_normalised_draw(fixed_model):
-    seeded = models.create(**KWARGS, nmf_bases="fixed", nmf_seed=3, rngs=nnx.Rngs(9))
+    seeded = create(nnx.Rngs(9), nmf_bases="fixed", nmf_seed=3)
     expected = models.draw_nmf_bases(jax.random.key(3), 1, BASES_SHAPE[1], BASES_SHAPE[2], BASES_SHAPE[0])
     np.testing.assert_array_equal(bases_of(seeded), expected)
     np.testing.assert_allclose(np.linalg.norm(bases_of(seeded), axis=1), 1.0, rtol=1e-6)  # columns over D
     assert not np.allclose(bases_of(seeded), bases_of(fixed_model))  # without a seed: from the model's rngs
     with pytest.raises(ValueError, match="nmf_bases='sometimes': choose one of random, fixed"):
-        models.create(**KWARGS, nmf_bases="sometimes", rngs=nnx.Rngs(0))
+        create(nnx.Rngs(0), nmf_bases="sometimes")
 
 
 def test_the_optimiser_never_sees_the_bases(fixed_model):
-    """Not an nnx.Param: not among the parameters that the training's make_tx and nnx.Optimizer (wrt=nnx.Param) get,
+    """Not an nnx.Param: not among the parameters that the training's optimiser and nnx.Optimizer (wrt=nnx.Param) get,
     so no optimiser state and no update; an nnx.Param would be in all of them."""
     params = nnx.state(fixed_model, nnx.Param)
     assert paths_naming_bases(params) == []
     assert paths_naming_bases(nnx.state(fixed_model, NMFBases)) == [("decode_head", "hamburger", "ham", "fixed_bases")]
     config = runpy.run_path(os.path.join(REPO, "configs", "demo.py"))["get_config"]()
-    optimizer = nnx.Optimizer(nnx.clone(fixed_model), train.make_tx(params, config), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(nnx.clone(fixed_model), train.Optimizer(config, params).tx, wrt=nnx.Param)
     optimizer_paths = [path for path, _ in nnx.state(optimizer).flat_state()]
     assert any("conv_seg" in map(str, path) for path in optimizer_paths)  # its state is keyed by parameter paths
     assert paths_naming_bases(nnx.state(optimizer)) == []
@@ -123,7 +121,8 @@ def test_checkpoint_round_trip_needs_the_option_recorded(fixed_model, tmp_path):
         checkpoints.save_model(fixed_model, str(tmp_path / "other"), {"model": KWARGS})
 
 
-def test_converter_gives_a_pth_fixed_bases(random_model, tmp_path, capsys):
+def test_converter_gives_a_pth_fixed_bases(random_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(models.VARIANTS, "tiny", TINY)  # the converter recognises registered variants only
     pth = str(tmp_path / "tiny.pth")
     save_pytorch_checkpoint(random_model, pth)
     assert convert([pth, str(tmp_path / "fixed"), "--nmf-bases=fixed:5"]) == 0

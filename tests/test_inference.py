@@ -20,7 +20,7 @@ from segnext_jax import models
 from segnext_jax.data.transforms import normalize
 from segnext_jax.evaluation import inference
 from segnext_jax.models.layers import resize_bilinear
-from weights_conversion.mapping import load_state_dict
+from segnext_jax.serving.pytorch import load_state_dict
 
 NUM_CLASSES = 7
 RTOL = 2e-5

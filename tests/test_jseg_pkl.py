@@ -18,9 +18,9 @@ from test_conversion import NUM_CLASSES, assert_same_logits, numpy_state_dict, w
 from test_layouts import official_naming, reference_segmentor
 
 from segnext_jax import checkpoints, models
+from segnext_jax.serving.pth_io import read_checkpoint, read_pickle
 from weights_conversion import CheckpointFormatError, UnsafeCheckpointError, load_pytorch_checkpoint
 from weights_conversion.__main__ import main
-from weights_conversion.pth_io import read_checkpoint, read_pickle
 
 JITTOR_MARKER = b"HCAJSLHD"
 

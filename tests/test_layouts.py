@@ -5,8 +5,8 @@ import pytest
 import torch
 from oracle import REFERENCE_VARIANTS, build_reference
 
-from weights_conversion.layouts import detect_architecture, extract_state_dict, normalize_keys
-from weights_conversion.pth_io import CheckpointFormatError, read_pth
+from segnext_jax.serving.pth_io import CheckpointFormatError, read_pth
+from segnext_jax.serving.pth_layouts import detect_architecture, extract_state_dict, normalize_keys
 
 NUM_CLASSES = {"t": 150, "s": 19, "b": 171, "l": 150}  # ADE20K, Cityscapes, COCO-Stuff, ADE20K
 

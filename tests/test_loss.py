@@ -11,7 +11,7 @@ import pytest
 import torch
 from reference_segnext import build, segnext_config
 
-from segnext_jax.training.loss import resolve_impl, segmentation_loss, upsample_bilinear
+from segnext_jax.training.loss import neighbour_views, resolve_impl, segmentation_loss, upsampled_phases
 
 NUM_CLASSES = 5
 
@@ -152,5 +152,8 @@ def test_integer_upsampling_equals_torch_interpolate(factors):
     expected = torch.nn.functional.interpolate(
         torch.from_numpy(x).permute(0, 3, 1, 2), scale_factor=factors, mode="bilinear", align_corners=False
     )
-    ours = upsample_bilinear(jnp.asarray(x), factors)
-    np.testing.assert_allclose(np.asarray(ours), expected.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-6)
+    phases = np.asarray(upsampled_phases(neighbour_views(jnp.asarray(x)), factors))  # (fh * fw, N, h, w, K)
+    n, h, w, k = x.shape
+    phases = phases.reshape(*factors, n, h, w, k)
+    ours = phases.transpose(2, 3, 0, 4, 1, 5).reshape(n, h * factors[0], w * factors[1], k)
+    np.testing.assert_allclose(ours, expected.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-6)

@@ -72,8 +72,13 @@ def fake_ade20k_with_a_broken_image(root: str) -> tuple[list[str], str]:
     broken = os.path.join(root, "images", "training", "ADE_train_00000000.jpg")
     with open(broken, "wb") as f:
         f.write(b"not an image")
-    args = ["--config=configs/ade20k_t.py", f"--config.data.root={root}", "--config.init.pretrained=",
-            "--config.data.bad_example=stop", "--config.data.num_workers=0"]
+    args = [
+        "--config=configs/ade20k_t.py",
+        f"--config.data.root={root}",
+        "--config.init.pretrained=",
+        "--config.data.bad_example=stop",
+        "--config.data.num_workers=0",
+    ]
     return args, f"error: bad training example (bad_example='stop'): {broken}: not a decodable image"
 
 
@@ -159,7 +164,10 @@ def test_sharded_programs_with_native_kernels_are_found_in_the_cache(tmp_path):
     entries = []
     for _ in range(2):
         result = subprocess.run(
-            [sys.executable, "-c", SHARDED_NATIVE_COMPILE, str(cache)], env=env, capture_output=True, text=True,
+            [sys.executable, "-c", SHARDED_NATIVE_COMPILE, str(cache)],
+            env=env,
+            capture_output=True,
+            text=True,
             timeout=300,
         )
         assert result.returncode == 0, result.stderr

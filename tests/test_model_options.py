@@ -10,7 +10,7 @@ from flax import nnx
 from oracle import build_reference, reference_state_dict
 
 from segnext_jax import backend, models
-from weights_conversion.mapping import load_state_dict
+from segnext_jax.serving.pytorch import load_state_dict
 
 NUM_CLASSES = 19
 BF16_TOLERANCE = 0.05  # max |bf16 - f32| / max |f32| on the logits: bf16 keeps 8 bits of mantissa
@@ -84,17 +84,16 @@ def test_wrong_nmf_bases_shape_is_refused():
         nmf(jnp.ones((2, 4, 4, 256)), bases=jnp.ones((2, 256, 64)))
 
 
-def test_inlined_and_scanned_stages_train_alike(monkeypatch):
+def test_inlined_and_scanned_stages_train_alike():
     """A stage runs block after block up to the backend policy's max_inlined_blocks (CPU: 12) and as a scan beyond:
     in training mode (stochastic depth on) both give the same stage outputs and BatchNorm statistics (autodiff of
     either is exact, so their gradients agree too)."""
     variant = models.Variant((16, 16, 32, 32), (3, 1, 2, 1), 0.5, 32, 4)
-    monkeypatch.setitem(models.VARIANTS, "stages", variant)
     images = jnp.asarray(np.random.RandomState(2).randn(2, 32, 32, 3).astype(np.float32))
 
     def train_forward(limit: int):
         policy = dataclasses.replace(backend.policy_for("cpu"), max_inlined_blocks=limit)
-        backbone = models.create("stages", 4, rngs=nnx.Rngs(0)).backbone  # the stages only: the head compiles slowly
+        backbone = models.create(variant, 4, rngs=nnx.Rngs(0)).backbone  # the stages only: the head compiles slowly
         with backend.use(policy):
             features = nnx.jit(lambda m, x: m(x, rngs=nnx.Rngs(5)))(backbone, images)
         return features, nnx.state(backbone, nnx.BatchStat)

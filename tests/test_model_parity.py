@@ -11,7 +11,7 @@ from flax import nnx
 from oracle import REFERENCE_VARIANTS, build_reference, fix_reference_bases, reference_state_dict
 
 from segnext_jax import models
-from weights_conversion.mapping import load_state_dict
+from segnext_jax.serving.pytorch import load_state_dict
 
 NUM_CLASSES = 19
 RTOL = 1e-5

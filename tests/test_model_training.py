@@ -11,7 +11,8 @@ from flax import nnx
 from oracle import build_reference, fix_reference_bases, reference_state_dict
 
 from segnext_jax import models
-from weights_conversion.mapping import export_state_dict, load_state_dict, path_to_key
+from segnext_jax.models.naming import path_to_key
+from segnext_jax.serving.pytorch import export_state_dict, load_state_dict
 
 NUM_CLASSES = 19
 SHAPE = (2, 64, 96)

@@ -176,8 +176,8 @@ FALLBACK = textwrap.dedent(
     from segnext_jax.models import depthwise
     from segnext_jax.training import loss
     assert depthwise.resolve_impl("auto") == "shift_add" and loss.resolve_impl("auto") == "xla"
-    models.VARIANTS["tiny"] = models.Variant((32, 32, 64, 64), (1, 1, 1, 1), 0.1, 64, 8)  # quick to compile
-    model = models.create("tiny", 5, rngs=nnx.Rngs(0))
+    tiny = models.Variant((32, 32, 64, 64), (1, 1, 1, 1), 0.1, 64, 8)  # quick to compile
+    model = models.create(tiny, 5, rngs=nnx.Rngs(0))
     model.eval()
     assert model(jnp.zeros((1, 32, 32, 3)), rngs=nnx.Rngs(0)).shape == (1, 4, 4, 5)
     try:

@@ -5,7 +5,6 @@ A tiny SegNeXt keeps compilation short; every network call here has one of two s
 
 import os
 import sys
-from pathlib import Path
 
 import cv2
 import jax
@@ -29,6 +28,7 @@ TEST_SCALE = (256, 128)  # the demo dataset's: a 64 x 64 image becomes 128 x 128
 
 @pytest.fixture(scope="module")
 def tiny_model():
+    """The tiny model, registered as variant 'tiny' for the module: its workdirs and model directories name it."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(models.VARIANTS, "tiny", TINY)
         model = models.create(**MODEL_KWARGS, rngs=nnx.Rngs(3))
@@ -137,14 +137,6 @@ def test_pytorch_checkpoint_loads_with_dataset_presentation(tmp_path):
     assert segmenter.class_names[0] == "road" and segmenter.test_scale == (2048, 1024)  # 19 classes: Cityscapes
     kernel = segmenter.model.decode_head.conv_seg.kernel[...]
     np.testing.assert_array_equal(kernel, model.decode_head.conv_seg.kernel[...])
-
-
-def test_batches_group_one_size_and_bound_the_waiting_images():
-    shapes = [(2, 2, 3), (3, 3, 3), (2, 2, 3), (4, 4, 3), (5, 5, 3), (6, 6, 3), (2, 2, 3)]
-    items = [predict._Item(i, Path(str(i)), np.zeros(shape, np.uint8)) for i, shape in enumerate(shapes)]
-    batches = [[item.index for item in batch] for batch in predict._batches(iter(items), 2)]
-    # 0 and 2 fill a batch; when 5 images wait (at 6), the oldest group (1) goes alone; the rest at the end.
-    assert batches == [[0, 2], [1], [3], [4], [5], [6]]
 
 
 def test_unusable_input_is_a_one_line_error(workdir, tmp_path, capsys):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from test_layouts import reference_segmentor
 
-from weights_conversion.pth_io import CheckpointFormatError, OpaqueObject, UnsafeCheckpointError, read_pth, write_pth
+from segnext_jax.serving.pth_io import CheckpointFormatError, OpaqueObject, UnsafeCheckpointError, read_pth, write_pth
 
 TORCH_TO_NUMPY = {
     torch.float32: np.float32,

@@ -16,4 +16,3 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1].startswith("pip install -e '.[test]'")
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1] in ci.splitlines()
-

@@ -18,7 +18,7 @@ from segnext_jax import configuration, paths
 from segnext_jax.training import interrupts, train, workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILES = sorted(name for name in os.listdir(os.path.join(REPO, "configs")) if name != "base.py")
+CONFIG_FILES = sorted(name for name in os.listdir(os.path.join(REPO, "configs")) if name.endswith(".py"))
 
 
 def load(name: str):
@@ -42,6 +42,8 @@ BAD_VALUES = {
     "eval.stride": ((0, 4), 'config.eval.stride=(0, 4): must be two positive integers, e.g. "(512, 512)"'),
     "eval.scales": ((), "config.eval.scales=(): must be positive resize ratios"),
     "data.ratio_range": ((2.0, 0.5), "config.data.ratio_range=(2.0, 0.5): must be (low, high) with 0 < low <= high"),
+    "model.dropout_ratio": ("0.1", "config.model.dropout_ratio='0.1': must be a number"),
+    "optimizer.min_lr": (1e-6, "config.optimizer.min_lr=1e-06: choose one of 0.0"),
 }
 
 
@@ -55,6 +57,49 @@ def test_a_bad_value_is_named_in_one_line(key):
     with pytest.raises(configuration.ConfigError) as error:
         configuration.check(config)
     assert str(error.value) == message
+
+
+TINY = dict(embed_dims=(32, 32, 64, 64), depths=(1, 1, 1, 1), drop_path_rate=0.1, head_channels=64, nmf_rank=8)
+BAD_SPECS = {
+    "field missing": (
+        {"embed_dims": (32, 32, 64, 64)},
+        "config.model.variant: a variant spec has the fields embed_dims, depths, drop_path_rate, head_channels, "
+        "nmf_rank, mlp_ratios (mlp_ratios optional): missing depths, drop_path_rate, head_channels, nmf_rank",
+    ),
+    "field unknown": (
+        {**TINY, "width": 2},
+        "config.model.variant: a variant spec has the fields embed_dims, depths, drop_path_rate, head_channels, "
+        "nmf_rank, mlp_ratios (mlp_ratios optional): unknown width",
+    ),
+    "three stages": ({**TINY, "depths": (1, 1, 1)},
+                     "config.model.variant.depths=(1, 1, 1): must be 4 positive integers"),
+    "rate": ({**TINY, "drop_path_rate": 1.5}, "config.model.variant.drop_path_rate=1.5: must be a rate in [0, 1)"),
+    "not a spec": (3, "config.model.variant=3: give a registered name or a spec (embed_dims, depths, drop_path_rate, "
+                   "head_channels, nmf_rank, mlp_ratios)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_SPECS)
+def test_a_variant_spec_passes_and_a_bad_one_is_named_in_one_line(case):
+    config = load("demo.py")
+    config.model.variant = TINY
+    configuration.check(config)
+    spec, message = BAD_SPECS[case]
+    config.model.variant = spec
+    with pytest.raises(configuration.ConfigError) as error:
+        configuration.check(config)
+    assert str(error.value) == message
+
+
+def test_a_missing_or_unknown_key_is_named_in_one_line():
+    config = load("demo.py")
+    config.train.num_stepz = 10
+    with pytest.raises(configuration.ConfigError, match=r"^config.train.num_stepz is not a config key"):
+        configuration.check(config)
+    del config.train["num_stepz"]
+    del config.eval["flip"]
+    with pytest.raises(configuration.ConfigError, match=r"^config.eval.flip is missing: start the config from "):
+        configuration.check(config)
 
 
 def test_a_crop_beyond_the_resize_bound_at_ratio_1_is_a_warning(caplog):

@@ -59,7 +59,7 @@ def test_mmseg_schedule_float32_under_jit():
 
 
 def test_official_schedule_matches_hand_computed_values():
-    # mmcv 0.x poly + linear warm-up lrs (segnext_reference.md §3.3, 4 significant digits), base lr 6e-5
+    # mmcv 1.x's PolyLrUpdaterHook with linear warm-up, computed by hand to 4 significant digits, base lr 6e-5
     steps = np.array([0, 750, 1500, 80000, 159999])
     expected = np.array([6e-11, 2.986e-5, 5.944e-5, 3.000e-5, 3.75e-10])
     with jax.enable_x64(True):

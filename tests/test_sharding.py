@@ -50,12 +50,6 @@ def test_global_batch_puts_each_devices_rows_on_it(mesh):
         sharding.global_batch(np.zeros((12, 3)), mesh)
 
 
-def test_host_batch_size(mesh):
-    assert sharding.host_batch_size(16, mesh) == 16  # one process loads the whole global batch
-    with pytest.raises(ValueError, match="global_batch_size=12 must be a multiple of the 8 devices"):
-        sharding.host_batch_size(12, mesh)
-
-
 class ConvBN(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
         self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
@@ -116,7 +110,7 @@ def test_two_processes_form_one_global_batch(tmp_path):
         batch = sharding.global_batch(host, mesh)
         row_sums = jax.jit(lambda x: x.sum(axis=1), out_shardings=sharding.replicated_sharding(mesh))(batch)
         print(json.dumps(dict(devices=jax.device_count(), processes=jax.process_count(), shape=list(batch.shape),
-                              host_batch=sharding.host_batch_size(4, mesh), row_sums=np.asarray(row_sums).tolist())))
+                              row_sums=np.asarray(row_sums).tolist())))
         jax.distributed.shutdown()
         """
     )
@@ -131,5 +125,5 @@ def test_two_processes_form_one_global_batch(tmp_path):
     for worker, (out, err) in zip(workers, outputs):
         assert worker.returncode == 0, err.decode()[-3000:]
         result = json.loads(out.decode().strip().splitlines()[-1])
-        expected = {"devices": 4, "processes": 2, "shape": [4, 3], "host_batch": 2, "row_sums": [3.0, 12.0, 21.0, 30.0]}
+        expected = {"devices": 4, "processes": 2, "shape": [4, 3], "row_sums": [3.0, 12.0, 21.0, 30.0]}
         assert result == expected

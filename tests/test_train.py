@@ -1,9 +1,11 @@
 """segnext_jax.training.train: the sharded step equals the single-device step, resume is exact, two processes train.
 
-A tiny SegNeXt (registered as variant 'tiny') on 32 px crops of the built-in demo data keeps compilation short; the
-jitted step is shared by every test of this module that uses the 8-device mesh (same static arguments and shapes).
+A tiny SegNeXt (spelled out in config.model.variant) on 32 px crops of the built-in demo data keeps compilation short;
+the jitted step is shared by every test of this module that uses the 8-device mesh (equal static arguments, the same
+shapes).
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -35,7 +37,7 @@ ITS_BATCHNORM_MEAN = r"backbone\.patch_embed\d\.(proj\.[14]|norm)\.mean\.value"
 def tiny_config() -> ml_collections.ConfigDict:
     """configs/demo.py with the tiny variant, 32 px crops, 8 images per step (one per simulated device)."""
     config = runpy.run_path(os.path.join(REPO, "configs", "demo.py"))["get_config"]()
-    config.model.variant = "tiny"
+    config.model.variant = dataclasses.asdict(TINY)
     config.model.depthwise_impl = "native"  # the CPU default; sharded, each device runs its part of the batch
     config.model.drop_path_rate = 0.1  # random drop path and dropout: the step's RNG must resume exactly too
     config.model.dropout_ratio = 0.1
@@ -50,13 +52,6 @@ def tiny_config() -> ml_collections.ConfigDict:
     config.train.sample_predictions = 2
     config.optimizer.warmup_steps = 2
     return config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_variant():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(models.VARIANTS, "tiny", TINY)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +117,12 @@ def test_sharded_step_equals_single_device_step():
     absolute 1e-5 of the largest gradient (relative errors of near-zero entries are meaningless)."""
     config = tiny_config()
     host_batch = next(iter(train.make_train_data(config)))
-    static = {"config": ml_collections.FrozenConfigDict(config)}
     results = []
     for mesh in (sharding.make_mesh(), sharding.make_mesh(1)):
-        graphdef, state = train.init_state(config, mesh)
+        graphdef, state, optimizer = train.init_state(config, mesh)
         batch = sharding.global_batch(host_batch, mesh)
         assert batch["image"].sharding.num_devices == mesh.devices.size
-        state, metrics = train.train_step(state, batch, 0, graphdef=graphdef, mesh=mesh, **static)
+        state, metrics = train.train_step(state, batch, 0, graphdef=graphdef, optimizer=optimizer, mesh=mesh)
         assert bool(metrics["finite"])
         assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
         results.append((float(metrics["loss"]), state))
@@ -151,11 +145,11 @@ def test_a_non_finite_step_leaves_the_state_as_it_was():
     optimiser moment (the host then stops or skips, config.train.on_nonfinite)."""
     config = tiny_config()
     mesh = sharding.make_mesh()
-    graphdef, state = train.init_state(config, mesh)
+    graphdef, state, optimizer = train.init_state(config, mesh)
     before = _arrays(state)
     host_batch = next(iter(train.make_train_data(config)))
     host_batch["image"][0, 0, 0, 0] = np.nan
-    static = {"graphdef": graphdef, "config": ml_collections.FrozenConfigDict(config), "mesh": mesh}
+    static = {"graphdef": graphdef, "optimizer": optimizer, "mesh": mesh}
     state, metrics = train.train_step(state, sharding.global_batch(host_batch, mesh), 0, **static)
     assert not bool(metrics["finite"]) and np.isnan(float(metrics["loss"]))
     _assert_same_leaves(_arrays(state), before, rtol=0, atol=0)
@@ -205,9 +199,9 @@ def _train_on_two_hosts_batches(config: ml_collections.ConfigDict) -> list[np.nd
     hosts' shares concatenated in process order (the rows' order matters: drop path and NMF bases are drawn per row).
     """
     mesh = sharding.make_mesh()
-    graphdef, state = train.init_state(config, mesh)
+    graphdef, state, optimizer = train.init_state(config, mesh)
     hosts = [iter(train.make_train_data(config, process_index=i, process_count=2)) for i in (0, 1)]
-    static = {"graphdef": graphdef, "config": ml_collections.FrozenConfigDict(config), "mesh": mesh}
+    static = {"graphdef": graphdef, "optimizer": optimizer, "mesh": mesh}
     for step in range(config.train.num_steps):
         shares = [next(host) for host in hosts]
         batch = {key: np.concatenate([share[key] for share in shares]) for key in ("image", "label")}
@@ -233,11 +227,10 @@ def test_two_processes_train_together(uninterrupted, tmp_path):
         sys.path[:0] = [{REPO!r}, {os.path.join(REPO, "tests")!r}]
         import jax
         jax.config.update("jax_num_cpu_devices", 2)
-        from segnext_jax import models, sharding
+        from segnext_jax import sharding
         assert sharding.initialize_distributed("127.0.0.1:{port}", num_processes=2, process_id=int(sys.argv[1]))
         import test_train
         from segnext_jax.training import train
-        models.VARIANTS["tiny"] = test_train.TINY
         results = train.train(test_train.tiny_config(), {workdir!r})
         print(json.dumps(dict(devices=jax.device_count(), mIoU=results["mIoU"])))
         jax.distributed.shutdown()
@@ -256,8 +249,10 @@ def test_two_processes_train_together(uninterrupted, tmp_path):
     noisy = {name for name in reference if re.fullmatch(ZERO_GRADIENT_BIAS + "|" + ITS_BATCHNORM_MEAN, name)}
     assert len(noisy) == 10
     _assert_same_leaves(
-        {name: got[name] for name in got.keys() - noisy}, {name: reference[name] for name in reference.keys() - noisy},
-        rtol=1e-4, atol=1e-6,
+        {name: got[name] for name in got.keys() - noisy},
+        {name: reference[name] for name in reference.keys() - noisy},
+        rtol=1e-4,
+        atol=1e-6,
     )
     with open(os.path.join(workdir, "eval", f"step_{NUM_STEPS}.json")) as f:
         shared = json.load(f)

@@ -135,6 +135,15 @@ def test_readme_commands_run_as_written(trained, clone, env):
     assert len(list((clone / "predictions" / "overlays").iterdir())) == 2
 
 
+def test_readme_python_runs_as_written(trained, clone, env):
+    """The README's ```python blocks, in the clone after the demo run (they load workdir/demo)."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert any("loading.load(" in block for block in blocks)
+    for block in blocks:
+        result = run([sys.executable, "-c", block], clone, env)
+        assert result.returncode == 0, f"{block}\n{result.stderr[-3000:]}"
+
+
 def start_training(clone: Path, env: dict, workdir: str, *extra: str) -> subprocess.Popen:
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     return subprocess.Popen(training(workdir, *extra), cwd=clone, env=env, **pipes)
@@ -158,10 +167,8 @@ def test_ctrl_c_saves_the_step_and_resumes_exactly(trained, clone, env):
     assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     workdir = clone / "workdir" / "ctrl_c"
-    assert stderr.strip().splitlines()[-1].endswith(
-        f"stopped by SIGINT after step 1/4: saved to {workdir}/checkpoints (steps 1); run the same command again to "
-        "resume"
-    )
+    saved = f"saved to {workdir}/checkpoints (steps 1); run the same command again to resume"
+    assert stderr.strip().splitlines()[-1].endswith(f"stopped by SIGINT after step 1/4: {saved}")
     result = run(training("workdir/ctrl_c"), clone, env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr

@@ -1,17 +1,20 @@
-"""PyTorch SegNeXt / MSCAN checkpoints to Flax and back."""
+"""PyTorch SegNeXt / MSCAN checkpoints to Flax and back: the converter's command line and its Python API.
 
-from weights_conversion.convert import (
-    CHECKPOINT_ERRORS,
+Reading lives in the package (`segnext_jax.serving.pytorch`, which prediction and evaluation use too); this
+converter depends on it, never the other way round.
+"""
+
+from segnext_jax.serving.loading import CHECKPOINT_ERRORS
+from segnext_jax.serving.pth_io import CheckpointFormatError, UnsafeCheckpointError
+from segnext_jax.serving.pytorch import (
     PytorchCheckpoint,
-    export_pytorch_state_dict,
+    StateDictMismatch,
     fill_model,
     load_pytorch_checkpoint,
     model_architecture,
     read_pytorch_checkpoint,
-    save_pytorch_checkpoint,
 )
-from weights_conversion.mapping import StateDictMismatch
-from weights_conversion.pth_io import CheckpointFormatError, UnsafeCheckpointError
+from weights_conversion.convert import export_pytorch_state_dict, save_pytorch_checkpoint
 
 __all__ = [
     "CHECKPOINT_ERRORS",

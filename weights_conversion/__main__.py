@@ -23,17 +23,17 @@ import sys
 from flax import nnx
 
 from segnext_jax import checkpoints, console, models, paths
-from weights_conversion.convert import (
-    CHECKPOINT_ERRORS,
+from segnext_jax.models.naming import model_tensors
+from segnext_jax.serving.loading import CHECKPOINT_ERRORS
+from segnext_jax.serving.pytorch import (
     fill_model,
     logger,
     model_architecture,
     read_pytorch_checkpoint,
     replaces_classifier,
     require_variant,
-    save_pytorch_checkpoint,
 )
-from weights_conversion.mapping import model_tensors
+from weights_conversion.convert import save_pytorch_checkpoint
 
 # A backbone-only (ImageNet) checkpoint has no classifier; its model directory gets a randomly initialised
 # ADE20K-sized head (only its backbone is meant to be used, config.init.pretrained_kind='backbone').
@@ -181,4 +181,4 @@ if __name__ == "__main__":
     logger.addHandler(logging.StreamHandler(sys.stdout))  # the conversion notes (renamed keys, dropped heads)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # printed once, not again by a handler that absl puts on the root logger
-    sys.exit(main())
+    sys.exit(console.reporting_bugs(main)())

@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+from segnext_jax import console
 from segnext_jax.data import datasets, loading, sources
 
 
@@ -159,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             total += count
             problems += split_problems
-    except (FileNotFoundError, KeyError, ValueError) as error:
-        print(str(error).strip('"'), file=sys.stderr)
+    except (FileNotFoundError, datasets.DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     for line in tables + problems:
         print(line)
@@ -172,4 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console.reporting_bugs(main)())

@@ -33,6 +33,11 @@ from segnext_jax.data import demo, metadata
 IGNORE_INDEX = 255
 
 
+class DatasetError(ValueError):
+    """The user's dataset or its settings are wrong (a malformed class list, a setting the dataset fixes): one line
+    naming the file or key and what to do."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitPart:
     """One directory pair of a split: images under `img_dir`, labels under `ann_dir` (both relative to the root).
@@ -260,7 +265,9 @@ def get_spec(name: str, root: str | None = None, reduce_zero_label: bool | None 
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}: choose one of {', '.join(sorted(NAMES))}")
     if reduce_zero_label is not None and reduce_zero_label != DATASETS[name].reduce_zero_label:
-        raise ValueError(f"reduce_zero_label is fixed for {name} ({DATASETS[name].reduce_zero_label}): leave it unset")
+        raise DatasetError(
+            f"reduce_zero_label is fixed for {name} ({DATASETS[name].reduce_zero_label}): leave it unset"
+        )
     return DATASETS[name]
 
 
@@ -293,7 +300,7 @@ def _cached_folder_spec(root: str, classes_file: str, reduce_zero_label: bool | 
     reduce_zero_label = own_reduce if reduce_zero_label is None else bool(reduce_zero_label)
     most = FOLDER_MAX_CLASSES - int(reduce_zero_label)
     if not 2 <= len(names) <= most:
-        raise ValueError(
+        raise DatasetError(
             f"{classes_file}: {len(names)} class(es); a folder dataset needs 2 to {most} (e.g. background and object)"
         )
     return DatasetSpec(
@@ -319,7 +326,7 @@ def _read_classes_txt(path: str) -> tuple[str, ...]:
     with open(path, encoding="utf-8-sig") as f:
         lines = [line.strip() for line in f.read().rstrip().splitlines()]
     if "" in lines:
-        raise ValueError(f"{path}: line {lines.index('') + 1} is empty: write one class name a line")
+        raise DatasetError(f"{path}: line {lines.index('') + 1} is empty: write one class name a line")
     return _unique_names(lines, path)
 
 
@@ -331,47 +338,47 @@ def _read_classes_json(path: str) -> tuple[tuple[str, ...], tuple, tuple[int, in
         with open(path, encoding="utf-8-sig") as f:
             content = json.load(f)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+        raise DatasetError(f"{path}: not valid JSON ({error})") from None
     options = content if isinstance(content, dict) else {"classes": content}
     unknown = set(options) - {"classes", "ignore_color", "reduce_zero_label"}
     if unknown or not isinstance(options.get("classes"), list):
-        raise ValueError(
+        raise DatasetError(
             f'{path}: expected a list of classes or an object with "classes" (and optionally "ignore_color", '
             f'"reduce_zero_label"){f"; unknown keys: {sorted(unknown)}" if unknown else ""}'
         )
     entries = [{"name": entry} if isinstance(entry, str) else entry for entry in options["classes"]]
     if not all(isinstance(entry, dict) and isinstance(entry.get("name"), str) for entry in entries):
-        raise ValueError(f'{path}: every class must be a name or {{"name": "...", "color": [r, g, b]}}')
+        raise DatasetError(f'{path}: every class must be a name or {{"name": "...", "color": [r, g, b]}}')
     names = _unique_names([entry["name"].strip() for entry in entries], path)
     colors = tuple(_color(entry["color"], path) for entry in entries if "color" in entry)
     if colors and len(colors) != len(names):
-        raise ValueError(f"{path}: give a color to every class or to none")
+        raise DatasetError(f"{path}: give a color to every class or to none")
     if len(set(colors)) != len(colors):
-        raise ValueError(f"{path}: two classes have the same color")
+        raise DatasetError(f"{path}: two classes have the same color")
     ignore_color = options.get("ignore_color")
     ignore_color = None if ignore_color is None else _color(ignore_color, path)
     if ignore_color is not None and ignore_color in colors:
-        raise ValueError(f"{path}: ignore_color {list(ignore_color)} is also a class color")
+        raise DatasetError(f"{path}: ignore_color {list(ignore_color)} is also a class color")
     reduce_zero_label = options.get("reduce_zero_label", False)
     if not isinstance(reduce_zero_label, bool):
-        raise ValueError(f"{path}: reduce_zero_label must be true or false")
+        raise DatasetError(f"{path}: reduce_zero_label must be true or false")
     return names, colors, ignore_color, reduce_zero_label
 
 
 def _unique_names(names: list[str], path: str) -> tuple[str, ...]:
     """`names` as a tuple, after checking that none is empty or repeated (metrics are reported by name)."""
     if "" in names:
-        raise ValueError(f"{path}: class {names.index('') + 1} has an empty name")
+        raise DatasetError(f"{path}: class {names.index('') + 1} has an empty name")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(f"{path}: class names must be unique (repeated: {', '.join(repeated)})")
+        raise DatasetError(f"{path}: class names must be unique (repeated: {', '.join(repeated)})")
     return tuple(names)
 
 
 def _color(value, path: str) -> tuple[int, int, int]:
     """An [r, g, b] list of 0..255 integers as a tuple."""
     if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in value)):
-        raise ValueError(f"{path}: color {value!r} is not [r, g, b] with integers 0..255")
+        raise DatasetError(f"{path}: color {value!r} is not [r, g, b] with integers 0..255")
     return tuple(value)
 
 

@@ -20,9 +20,10 @@ left out, logged (`path: reason`) and counted in `iterator.num_skipped`; with 's
 `BadDataError` whose message is one line, `bad training example (bad_example='stop'): path: reason`. It reaches the
 caller as BadDataError with that message whether the examples are loaded in this process or in prefetch workers.
 
-Evaluation (`make_eval_dataset`) yields examples one at a time, in listing order: dict(image=float32 (H', W', 3)
-normalised and keep-ratio resized to `test_scale` (NOT padded: the inference code pads to a multiple of 32 or
-slides windows), label=int32 (H, W) at the original size with reduce_zero_label applied, name=str).
+Evaluation (`make_eval_dataset`) yields this process's share of a split one example at a time, in listing order:
+dict(image=uint8 RGB (H, W, 3), label=int32 (H, W), both at the original size with reduce_zero_label applied,
+name=str, index=its position in the split). The test-time resize and normalisation belong to the inference code
+(`segnext_jax.evaluation.inference.network_input`), which resizes the original image once per test scale.
 """
 
 import functools
@@ -195,48 +196,34 @@ def make_train_dataset(
     return _TrainDataset(it_ds)
 
 
-def _eval_example(record: Any, *, load, test_scale: tuple[int, int], max_image_pixels: int) -> dict:
-    """Loads one record and applies the evaluation transform; a bad one raises BadDataError."""
+def _eval_example(index: int, record: Any, *, load, max_image_pixels: int) -> dict:
+    """Loads record `index` of a split; a bad one raises BadDataError."""
     try:
         example = load(loading.with_size_limit(record, max_image_pixels))
     except loading.BadExampleError as error:
         raise BadDataError(f"bad evaluation example: {error}") from None
-    image = transforms.eval_transform(example["image"], test_scale)
-    return {"image": image, "label": example["label"].astype(np.int32), "name": example["name"]}
+    return dict(example, label=example["label"].astype(np.int32), index=index)
 
 
 def make_eval_dataset(
-    name: str,
-    root: str | None,
+    data: sources.Source,
     *,
-    test_scale: tuple[int, int],
-    split: str = "val",
-    source: str = "files",
-    process_index: int = 0,
-    process_count: int = 1,
+    process_index: int | None = None,
+    process_count: int | None = None,
     read_threads: int = 2,
     prefetch: int = 4,
     max_image_pixels: int = loading.DEFAULT_MAX_IMAGE_PIXELS,
-    reduce_zero_label: bool | None = None,
 ) -> grain.IterDataset:
-    """Evaluation examples one at a time: dict(image=float32 (H', W', 3) normalised, keep-ratio resized to
-    `test_scale`, unpadded; label=int32 (H, W) original size, reduce_zero_label applied, 255 = ignore; name=str).
+    """Evaluation examples of the opened split `data`, one at a time: dict(image=uint8 RGB (H, W, 3), label=int32
+    (H, W), reduce_zero_label applied, 255 = ignore; name=str; index=int, the example's position in the split).
 
     A bad example (one over `max_image_pixels` included) raises BadDataError (run `python -m segnext_jax.data.check`
-    first). By default every host reads the whole split; pass process_index/process_count to read a 1/process_count
-    share and sum the confusion matrices across hosts. `prefetch` examples are decoded ahead by `read_threads`
-    threads. `reduce_zero_label`: the folder dataset's setting (None: its own).
+    first). This process reads every process_count-th example from process_index on (default: jax's process index
+    and count), so the processes' confusion matrices sum to the split's. `prefetch` examples are decoded ahead by
+    `read_threads` threads.
     """
-    data = sources.open_source(name, root, split, source, reduce_zero_label)
-    ds = grain.MapDataset.source(data.records).map(
-        functools.partial(
-            _eval_example, load=data.load, test_scale=tuple(test_scale), max_image_pixels=max_image_pixels
-        )
-    )
-    ds = ds[process_index::process_count]
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    load = functools.partial(_eval_example, load=data.load, max_image_pixels=max_image_pixels)
+    ds = grain.MapDataset.source(data.records).map_with_index(load)[process_index::process_count]
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
-
-
-def num_examples(name: str, root: str | None, split: str = "val", source: str = "files") -> int:
-    """Number of listed examples of a split (e.g. to size an evaluation progress bar)."""
-    return len(sources.open_source(name, root, split, source).records)

@@ -158,10 +158,12 @@ def open_source(
     """
     spec = datasets.get_spec(name, root, reduce_zero_label)
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}: choose one of {', '.join(SOURCES)}")
+        raise datasets.DatasetError(f"unknown source {source!r}: choose one of {', '.join(SOURCES)}")
     if name == datasets.FOLDER:
         if source != "files":
-            raise ValueError(f"the {name} dataset is read from its files: source must be 'files' (got {source!r})")
+            raise datasets.DatasetError(
+                f"the {name} dataset is read from its files: source must be 'files' (got {source!r})"
+            )
         return Source(
             datasets.list_examples(spec, root, split),
             functools.partial(_load_folder, spec=spec),
@@ -170,7 +172,7 @@ def open_source(
         )
     if name == "demo":
         if root is not None:
-            raise ValueError(f"the demo data is generated, not read: pass root=None (got {root!r})")
+            raise datasets.DatasetError(f"the demo data is generated, not read: pass root=None (got {root!r})")
         return Source(
             range(demo.num_examples(split)),
             functools.partial(_load_demo, split=split),

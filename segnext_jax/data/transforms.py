@@ -8,8 +8,8 @@ Each operation reproduces one reference transform with the same OpenCV calls, so
 - `sample_photometric` + `apply_photometric`: mmseg `PhotoMetricDistortion` (defaults 32, (0.5, 1.5), (0.5, 1.5), 18);
 - `normalize` then `pad`: mmseg `SegDataPreProcessor(mean, std, bgr_to_rgb=True, pad_val=0, seg_pad_val=255,
   size=crop)`, which normalises first and pads the normalised image with 0 (bottom/right) and the label with 255;
-- `eval_transform`: mmseg test `Resize(scale, keep_ratio=True)` then normalisation (padding to a multiple of 32
-  is left to the inference code, as `SegDataPreProcessor.test_cfg` does it).
+- the test pipeline (mmseg test `Resize(scale, keep_ratio=True)` with `resize` and `keep_ratio_size`, then
+  `normalize`) is `segnext_jax.evaluation.inference.network_input`, with the multi-scale and flip augmentations.
 
 Images are uint8 RGB (H, W, 3) where the reference holds BGR: every operation is channel-order independent or uses
 the RGB twin of the reference's OpenCV colour conversion. Labels are uint8 (H, W). Random draws come from an
@@ -219,9 +219,3 @@ def train_transform(
     image = apply_photometric(np.ascontiguousarray(image), sample_photometric(rng))
     image, label = pad(normalize(image), label, crop_size, ignore_index)
     return image, label.astype(np.int32)
-
-
-def eval_transform(image: np.ndarray, test_scale: tuple[int, int]) -> np.ndarray:
-    """The reference test pipeline on one image: keep-ratio resize to `test_scale`, normalised float32, unpadded."""
-    size = keep_ratio_size(image.shape[0], image.shape[1], test_scale)
-    return normalize(resize(image, None, size)[0])

@@ -1,7 +1,9 @@
 """Inference as MMSegmentation 1.2.2 tests a segmentor: whole image, sliding window, multi-scale + flip.
 
-What mmseg does, and so what this module does (segnext_reference.md §3.4; mmseg `EncoderDecoder`,
-`SegDataPreProcessor`, `BaseSegmentor.postprocess_result`, `SegTTAModel`):
+What mmseg does, and so what this module does (mmseg `EncoderDecoder`, `SegDataPreProcessor`,
+`BaseSegmentor.postprocess_result`, `SegTTAModel`):
+- the uint8 image is resized keep-ratio to the test scale (OpenCV bilinear), flipped for a flip augmentation, and
+  normalised (`network_input`: the one test-time preprocessing, evaluation's and prediction's);
 - the normalised image is padded bottom/right with 0 to a multiple of `size_divisor` (32 in every SegNeXt config;
   the data preprocessor does this in both modes);
 - 'whole': one network call on the padded image; 'slide': windows of `crop_size` every `stride` (mmseg's
@@ -12,11 +14,12 @@ What mmseg does, and so what this module does (segnext_reference.md §3.4; mmseg
   the output size (mmseg's `ori_shape`);
 - multi-scale + flip (`SegTTAModel`) averages the softmax of every augmentation's logits at the output size.
 
-Randomness: SegNeXt's decoder draws random NMF bases at every call. Here image n of a batch has its own key (the
-n-th of `key`'s per-image keys), network call w of that image uses `fold_in(image key, w)` and augmentation a of
-`infer_multiscale` uses `fold_in(image key, a)` as its image key, so results are repeatable and do not depend on
-the batch an image is in. `nmf_bases` instead gives every call the same bases (as the reference's tests fix them),
-and so does a model built with `nmf_bases='fixed'` (its stored bases).
+Randomness: SegNeXt's decoder draws random NMF bases at every call. Here every image has its own key, by one rule
+(`indexed_keys`): image i of a split or folder run seeded with s uses `fold_in(key(s), i)`, and a batch given a
+single `key` uses `fold_in(key, n)` for its n-th image. Network call w of an image uses `fold_in(image key, w)` and
+augmentation a of `infer_multiscale` uses `fold_in(image key, a)` as its image key, so results are repeatable and
+do not depend on the batch an image is in. `nmf_bases` instead gives every call the same bases (as the reference's
+tests fix them), and so does a model built with `nmf_bases='fixed'` (its stored bases).
 
 The network runs in one jitted function per input shape (jax caches it), with the model in evaluation mode.
 
@@ -29,15 +32,14 @@ network inputs' size (the test scale), not the images'.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from segnext_jax.data.transforms import keep_ratio_size, normalize
+from segnext_jax.data.transforms import keep_ratio_size, normalize, resize
 from segnext_jax.models import draw_nmf_bases
 from segnext_jax.models.layers import resize_bilinear
 
@@ -63,6 +65,12 @@ def slide_windows(size: tuple[int, int], crop_size: tuple[int, int], stride: tup
     return windows
 
 
+def indexed_keys(key: jax.Array, indices: Sequence[int] | jax.Array) -> jax.Array:
+    """The keys of images `indices` (their positions in a split or a folder, or in a batch): `fold_in(key, i)` each.
+    An image's NMF bases so follow from its index alone, whatever batch or process it is in."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(indices))
+
+
 def image_keys(key: jax.Array | None, num_images: int) -> jax.Array:
     """One PRNG key per image: `key` (default `jax.random.key(0)`) folded with 0..n-1, or `key` itself if it
     already holds n keys. Raw uint32 keys are accepted."""
@@ -70,7 +78,7 @@ def image_keys(key: jax.Array | None, num_images: int) -> jax.Array:
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
     if key.ndim == 0:
-        return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num_images))
+        return indexed_keys(key, jnp.arange(num_images))
     if key.shape != (num_images,):
         raise ValueError(f"key: give one key, or one per image ({num_images}); got shape {key.shape}")
     return key
@@ -86,6 +94,23 @@ def nmf_bases_shape(model: nnx.Module) -> tuple[int, int, int]:
     hamburger = model.decode_head.hamburger
     splits = hamburger.ham.num_splits
     return splits, hamburger.ham_in.conv.kernel.shape[-1] // splits, hamburger.ham.rank
+
+
+def seeded_nmf_bases(model: nnx.Module, seed: int) -> jax.Array:
+    """The NMF bases (S, D, R) that `infer_logits(model, images, key=jax.random.key(seed))` draws for the first
+    image of `images` (its whole-image network call)."""
+    splits, dim, rank = nmf_bases_shape(model)
+    (key,) = fold_keys(image_keys(jax.random.key(seed), 1), 0)
+    return draw_nmf_bases(key, 1, dim, rank, splits)
+
+
+def baked_nmf_bases(model: nnx.Module, seed: int | None) -> jax.Array | None:
+    """The bases (S, D, R) an exported graph bakes in: those of `seed` if given, else the stored bases of a model
+    built with nmf_bases='fixed', else None."""
+    if seed is not None:
+        return seeded_nmf_bases(model, seed)
+    stored = model.fixed_nmf_bases(1)
+    return None if stored is None else stored.reshape(nmf_bases_shape(model))
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -218,6 +243,23 @@ def network_input_size(
     return keep_ratio_size(height, width, bound)
 
 
+def network_input(
+    images: np.ndarray, *, ratio: float = 1.0, flip: bool = False, test_scale: tuple[int, int] | None = None
+) -> np.ndarray:
+    """The reference's test preprocessing of uint8 RGB `images` (N, H, W, 3) for one augmentation: keep-ratio resize
+    to `network_input_size` (OpenCV bilinear, mmseg's `Resize`), optional horizontal flip, then normalisation;
+    float32, unpadded (`infer_logits` pads to a multiple of 32, as mmseg's `SegDataPreProcessor`)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be (N, H, W, 3) uint8 RGB; got {images.dtype} {images.shape}")
+    size = network_input_size(*images.shape[1:3], ratio, test_scale)
+    if size != images.shape[1:3]:
+        images = np.stack([resize(image, None, size)[0] for image in images])
+    if flip:
+        images = images[:, :, ::-1]
+    return normalize(images)
+
+
 def infer_augmented_logits(
     model: nnx.Module,
     images: np.ndarray,
@@ -234,20 +276,13 @@ def infer_augmented_logits(
     nmf_bases: jax.Array | None = None,
 ) -> jax.Array:
     """Logits (N, H_out, W_out, K) of uint8 RGB `images` (N, H, W, 3) through the reference's test pipeline for one
-    augmentation: resize (OpenCV bilinear, `network_input_size`), optional horizontal flip, normalise, then as
-    `infer_logits`; the output size defaults to the images' own (H, W)."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be (N, H, W, 3) uint8 RGB; got {images.dtype} {images.shape}")
-    n, h, w, _ = images.shape
-    size = network_input_size(h, w, ratio, test_scale)
-    if size != (h, w):
-        images = np.stack([cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR) for image in images])
-    if flip:
-        images = images[:, :, ::-1]
+    augmentation: `network_input` (resize, optional horizontal flip, normalisation), then as `infer_logits`; the
+    output size defaults to the images' own (H, W)."""
+    inputs = network_input(images, ratio=ratio, flip=flip, test_scale=test_scale)
+    n, h, w = np.shape(images)[:3]
     return _infer(
         model,
-        normalize(images),
+        inputs,
         mode=mode,
         crop_size=crop_size,
         stride=stride,

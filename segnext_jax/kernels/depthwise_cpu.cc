@@ -142,9 +142,9 @@ inline void ForwardPixel(const Shape& s, const Forward& f, float* out, int64_t b
   if (c0 < s.c) ForwardScalars<kInputBias, kGelu>(s, f, out, b, oy, ox, c0);
 }
 
-// Along each output row, tiles of kTile pixels where all taps fall inside the row (for more than kBlock vectors of
-// channels: 1.2-1.7x faster at 320 and 1280 channels, 0.8x at 64 on AVX-512), pixel by pixel at the borders;
-// all channels of a tile or pixel before the next (reads the input and taps contiguously: faster than channel blocks
+// Along each output row, tiles of kTile pixels where all taps fall inside the row (only for more than kBlock vectors
+// of channels: below that, one pixel at a time measured faster; benchmarks/README.md), pixel by pixel at the borders;
+// all channels of a tile or pixel before the next (reads the input and taps contiguously, which beats channel blocks
 // outermost once C is in the hundreds).
 template <bool kInputBias, bool kGelu>
 void ForwardRows(const Shape& s, const Forward& f, int64_t row0, int64_t row1) {

@@ -4,7 +4,7 @@
 XLA:CPU duplicates cheap element-wise producers into each of their consumers. Through a residual stream that compounds:
 in the backward pass the stream's gradient after block k is an element-wise sum over every later block, each block's
 loop fusion recomputed all of it from the later blocks' saved inputs (SegNeXt-B's stage 3: 24 fusions growing to
-747 instructions and 222 operands, 0.13 s of thread time per training step on two cores). `gradient_barrier` is the
+747 instructions and 222 operands; what that costs: benchmarks/README.md). `gradient_barrier` is the
 identity, and in the backward pass it hands the gradient to an FFI call that aliases its buffer, so the gradient is
 written once per block and read from memory after it. `available()` builds the kernel on first use;
 SEGNEXT_JAX_NATIVE_KERNELS=0 turns it off.

@@ -6,9 +6,10 @@
   run as a slow reduction. Float32.
 - `shift_add`: a sum of kh*kw shifted slices times the per-channel taps, with a hand-written VJP (input gradient again
   a shift-add with flipped taps, weight gradient one reduction over all taps), in plain XLA. XLA:CPU has no good
-  grouped-convolution kernel and this form runs 20-100x faster there; the fallback where `native` cannot be built.
+  grouped-convolution kernel and this form runs much faster there (benchmarks/README.md): the fallback where
+  `native` cannot be built. On TPU it avoids the unfolded input copies of XLA's grouped weight gradient.
 - `auto`: what the backend policy (segnext_jax.backend) says for the target platform, chosen when traced: on CPU
-  `native` (float32, when it builds) else `shift_add`; `xla` on GPU and TPU.
+  `native` (float32, when it builds) else `shift_add`; `xla` on GPU, `shift_add` on TPU.
 - `portable`: `shift_add` on CPU and `xla` elsewhere, chosen by `lax.platform_dependent` when the program runs, for
   serialized programs (`jax.export`) that must not call this package's C++ code.
 All take the same HWIO kernel of shape (kh, kw, 1, C) and agree to float32 rounding. Each also computes
@@ -71,8 +72,9 @@ def _shift_add(x: jax.Array, taps: jax.Array, pad: tuple[int, int]) -> jax.Array
 def _shift_add_kernel_grad(x: jax.Array, grad: jax.Array, kernel_size: tuple[int, int], pad: tuple[int, int]):
     """d out / d taps (kh, kw, C): per tap, the sum over batch and positions of its input window times `grad`, all
     taps in one (variadic) reduction so that XLA reads the operands once."""
-    products = [window * grad for window in _windows(x, kernel_size, pad, grad.shape[1:3])]
-    zeros = [jnp.zeros((), grad.dtype)] * len(products)
+    grad = grad.astype(jnp.float32)  # summed over every pixel of the batch: accumulate in float32 (as MXU/conv do)
+    products = [window.astype(jnp.float32) * grad for window in _windows(x, kernel_size, pad, grad.shape[1:3])]
+    zeros = [jnp.zeros((), jnp.float32)] * len(products)
     taps = jax.lax.reduce(products, zeros, lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
     return jnp.stack(taps).reshape(*kernel_size, -1)
 

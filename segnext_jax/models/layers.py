@@ -43,8 +43,8 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     The kernel's gradient is written as one product of 2-D views, (P, Cin)^T (P, Cout) over the P pixels, which XLA
     contracts where the operands lie. JAX's own rule contracts the 4-D arrays into (Cout, Cin) and transposes the
-    result; XLA:CPU turns that into a transposed copy of the whole output gradient and a product that Eigen ran at
-    7-30 GFLOPS on a 2-core Zen 1 (its training steps 2-4x slower: benchmarks/README.md).
+    result; XLA:CPU turns that into a transposed copy of the whole output gradient and a slow Eigen product on AVX2
+    CPUs (benchmarks/README.md).
     """
     return jnp.dot(x, kernel)
 

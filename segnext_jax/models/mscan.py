@@ -172,6 +172,8 @@ def run_blocks(blocks: nnx.List, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Arr
         block = nnx.merge(graphdef, state)
         return block(carry, rngs=key), nnx.state(block, nnx.Not(nnx.Param))
 
+    if backend.current().remat_blocks:
+        body = jax.checkpoint(body, prevent_cse=False)  # inside a scan CSE cannot undo the recomputation
     x, updated = jax.lax.scan(body, x, (stacked, keys))
     for i, block in enumerate(blocks):
         nnx.update(block, jax.tree.map(lambda value, i=i: value[i], updated))

@@ -15,7 +15,7 @@ from segnext_jax.models.mscan import MSCAN
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """Architecture of one SegNeXt size, as in the reference configs (segnext_reference.md §3.1)."""
+    """Architecture of one SegNeXt size, as in MMSegmentation 1.2.2's `configs/segnext/*.py`."""
 
     embed_dims: tuple[int, int, int, int]
     depths: tuple[int, int, int, int]

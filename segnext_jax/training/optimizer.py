@@ -1,12 +1,12 @@
-"""AdamW with MMSegmentation's per-parameter lr and weight-decay multipliers (segnext_reference.md §3.2).
+"""AdamW with MMSegmentation's per-parameter lr and weight-decay multipliers, as the SegNeXt configs set them.
 
 The groups follow mmengine's `DefaultOptimWrapperConstructor` with `paramwise_cfg.custom_keys`: the keys are
 tried longest first (ties alphabetically), each as a substring of the full dotted parameter name, and the
 first that matches gives the parameter its `lr_mult` and `decay_mult` (default 1). Names are matched in the
-reference's spelling (our leaf `kernel` / `scale` is the reference's `weight`), so custom_keys written for
-mmseg configs carry over unchanged. With the SegNeXt keys every `decode_head.*` parameter gets lr x10, names
-containing `norm` get no weight decay, and the stem BatchNorms (`backbone.patch_embed1.proj.1/4`) and the
-layer scales keep it.
+reference's spelling (`segnext_jax.models.naming`: our leaf `kernel` / `scale` is the reference's `weight`), so
+custom_keys written for mmseg configs carry over unchanged. With the SegNeXt keys every `decode_head.*` parameter
+gets lr x10, names containing `norm` get no weight decay, and the stem BatchNorms
+(`backbone.patch_embed1.proj.1/4`) and the layer scales keep it.
 
 Decay is decoupled as in torch's AdamW: `p -= lr * lr_mult * weight_decay * decay_mult * p`, with the
 scheduled learning rate. No gradient clipping. Usage with an NNX model:
@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import optax
 
+from segnext_jax.models.naming import dotted_name, reference_name
+
 SEGNEXT_CUSTOM_KEYS: Mapping[str, Mapping[str, float]] = MappingProxyType(
     {
         "pos_block": MappingProxyType({"decay_mult": 0.0}),
@@ -31,21 +33,6 @@ SEGNEXT_CUSTOM_KEYS: Mapping[str, Mapping[str, float]] = MappingProxyType(
         "head": MappingProxyType({"lr_mult": 10.0}),
     }
 )
-_REFERENCE_LEAF = {"kernel": "weight", "scale": "weight"}
-
-
-def dotted_name(path: tuple[Any, ...]) -> str:
-    """'backbone.block1.0.norm1.scale' for a pytree key path of a parameter (an nnx.Variable's `.value` dropped)."""
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    return jax.tree_util.keystr(path, simple=True, separator=".")
-
-
-def reference_name(name: str) -> str:
-    """The reference state_dict spelling of a dotted parameter name: leaf kernel/scale -> weight."""
-    head, _, leaf = name.rpartition(".")
-    leaf = _REFERENCE_LEAF.get(leaf, leaf)
-    return f"{head}.{leaf}" if head else leaf
 
 
 def multipliers(name: str, custom_keys: Mapping[str, Mapping[str, float]]) -> tuple[float, float]:
@@ -61,8 +48,8 @@ def param_groups(
     params_state: Any, custom_keys: Mapping[str, Mapping[str, float]] = SEGNEXT_CUSTOM_KEYS
 ) -> dict[str, tuple[float, float]]:
     """{dotted parameter name: (lr_mult, decay_mult)} for `nnx.state(model, nnx.Param)` (or its pure arrays)."""
-    leaves = jax.tree_util.tree_leaves_with_path(params_state)
-    return {dotted_name(path): multipliers(reference_name(dotted_name(path)), custom_keys) for path, _ in leaves}
+    names = [dotted_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params_state)]
+    return {name: multipliers(reference_name(name), custom_keys) for name in names}
 
 
 def _group_label(lr_mult: float, decay_mult: float) -> str:

@@ -1,15 +1,16 @@
-"""Learning-rate schedules of the reference recipe (segnext_reference.md §3.3), as optax schedules.
+"""Learning-rate schedules of the SegNeXt recipe, as optax schedules.
 
 A schedule maps the optimiser step (0-based: the number of updates already applied) to a factor of the
 base learning rate; `make_optimizer` multiplies it by the base lr and each group's lr multiplier.
 
-- `form='mmseg'` (MMSegmentation 1.x, the default): `LinearLR(start_factor=warmup_ratio, begin=0,
-  end=warmup_iters)` then `PolyLR(power, begin=warmup_iters, end=max_iters, eta_min=0)`. mmengine applies
+- `form='mmseg'` (MMSegmentation 1.x's SegNeXt configs, the default): mmengine's `LinearLR(start_factor=warmup_ratio,
+  begin=0, end=warmup_iters)` then `PolyLR(power, begin=warmup_iters, end=max_iters, eta_min=0)`. mmengine applies
   both recursively (one multiplicative step per iteration); their products telescope to the closed form
   used here: warm-up reaches 1 at step `warmup_iters - 1` (mmengine's `total_iters = end - begin - 1`),
   and the poly phase reaches 0 at step `max_iters - 1`.
-- `form='official'` (the official code's mmcv 0.x hooks): poly over the whole run,
-  `(1 - step / max_iters) ** power`, multiplied during warm-up by `1 - (1 - step / warmup_iters) * (1 - ratio)`.
+- `form='official'` (the official repository's MMSegmentation 0.x runner: mmcv 1.x's `PolyLrUpdaterHook` with linear
+  warm-up, mmcv/runner/hooks/lr_updater.py): poly over the whole run, `(1 - step / max_iters) ** power`, multiplied
+  during warm-up by `1 - (1 - step / warmup_iters) * (1 - ratio)`.
 """
 
 import jax.numpy as jnp

@@ -7,7 +7,7 @@ path, dropout, NMF bases) come from `fold_in(state["rng"], s)`, so a run resumed
 uninterrupted one exactly.
 
 The train state is a dict: "model" (nnx.state of the SegNeXt: parameters, batch statistics), "opt_state" (the optax
-AdamW state of `make_tx`) and "rng" (a PRNG key). Checkpoints hold it with the data iterator's position.
+state of the run's `Optimizer`) and "rng" (a PRNG key). Checkpoints hold it with the data iterator's position.
 """
 
 import functools
@@ -26,14 +26,13 @@ from absl import logging
 from flax import nnx
 from tensorboardX import SummaryWriter
 
-from segnext_jax import checkpoints, configuration, models, paths, sharding
+from segnext_jax import checkpoints, configuration, paths, sharding
 from segnext_jax.configuration import ConfigError
 from segnext_jax.data import pipeline
 from segnext_jax.evaluation import evaluate
 from segnext_jax.training import interrupts, workdir_lock
 from segnext_jax.training.loss import segmentation_loss
 from segnext_jax.training.optimizer import SEGNEXT_CUSTOM_KEYS, make_optimizer
-from segnext_jax.training.schedule import make_schedule
 
 TrainState = dict[str, Any]
 
@@ -42,53 +41,57 @@ class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient or parameter (config.train.on_nonfinite); nothing was saved."""
 
 
-def make_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Factor of the base learning rate at each optimiser step (config.optimizer, over config.train.num_steps)."""
-    opt = config.optimizer
-    if opt.min_lr != 0.0:
-        raise ConfigError(f"config.optimizer.min_lr={opt.min_lr}: only 0.0 (the reference's decay to 0) is supported")
-    try:
-        return make_schedule(
-            config.train.num_steps,
-            warmup_iters=opt.warmup_steps,
-            warmup_ratio=opt.warmup_ratio,
-            power=opt.power,
-            form=opt.schedule,
+class Optimizer:
+    """The run's AdamW with the reference's parameter groups (`tx`: head lr x config.optimizer.head_lr_mult, no decay
+    on norms, config.train.grad_accum_steps micro-batches per update) and its learning-rate `schedule`, built once.
+
+    A static argument of `train_step`: two built from equal config values compare (and hash) equal, so equal runs in
+    one process share the compiled step. The parameter groups also depend on the parameters' names, which the step's
+    other static argument, the graph definition, fixes.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, params: Any):
+        opt = config.optimizer
+        self._values = (tuple(opt.items()), config.train.num_steps, config.train.grad_accum_steps)
+        self.lr = opt.lr
+        self.accumulation_steps = config.train.grad_accum_steps
+        self.schedule = configuration.make_lr_schedule(config)
+        self.tx = make_optimizer(
+            params,
+            schedule=self.schedule,
+            lr=opt.lr,
+            betas=(opt.b1, opt.b2),
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+            custom_keys={**SEGNEXT_CUSTOM_KEYS, "head": {"lr_mult": opt.head_lr_mult}},
+            accumulation_steps=self.accumulation_steps,
         )
-    except ValueError as error:
-        raise ConfigError(
-            f"config.train.num_steps={config.train.num_steps}, config.optimizer.warmup_steps={opt.warmup_steps}, "
-            f"warmup_ratio={opt.warmup_ratio}, schedule={opt.schedule!r}: {error} "
-            "(lower config.optimizer.warmup_steps or raise config.train.num_steps)"
-        ) from error
+
+    def learning_rate(self, step: int) -> float:
+        """The base (backbone) learning rate of optimiser step `step` (0-based)."""
+        return self.lr * float(self.schedule(step))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Optimizer) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(self._values)
 
 
-def make_tx(params: Any, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with the reference's parameter groups (head lr x config.optimizer.head_lr_mult, no decay on norms)."""
-    opt = config.optimizer
-    custom_keys = {**SEGNEXT_CUSTOM_KEYS, "head": {"lr_mult": opt.head_lr_mult}}
-    return make_optimizer(
-        params,
-        schedule=make_lr_schedule(config),
-        lr=opt.lr,
-        betas=(opt.b1, opt.b2),
-        eps=opt.eps,
-        weight_decay=opt.weight_decay,
-        custom_keys=custom_keys,
-        accumulation_steps=config.train.grad_accum_steps,
-    )
-
-
-def init_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, TrainState]:
-    """The model's graph definition and a fresh train state replicated over `mesh` (pretrained weights loaded)."""
+def init_state(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, TrainState, Optimizer]:
+    """The model's graph definition, a fresh train state replicated over `mesh` (pretrained weights loaded) and the
+    run's optimiser."""
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    model = models.create(**config.model.to_dict(), rngs=nnx.Rngs(init_key))
+    model = configuration.create_model(config.model.to_dict(), rngs=nnx.Rngs(init_key))
     if config.init.pretrained:
         checkpoints.load_pretrained(model, config.init.pretrained, config.init.pretrained_kind)
     graphdef, model_state = nnx.split(model)
     params = nnx.as_pure(nnx.state(model, nnx.Param))
-    state = {"model": model_state, "opt_state": make_tx(params, config).init(params), "rng": train_key}
-    return graphdef, replicate(state, mesh)
+    optimizer = Optimizer(config, params)
+    state = {"model": model_state, "opt_state": optimizer.tx.init(params), "rng": train_key}
+    return graphdef, replicate(state, mesh), optimizer
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -111,36 +114,34 @@ def _loss(model: nnx.Module, images: jax.Array, labels: jax.Array, key: jax.Arra
     return segmentation_loss(model(images, rngs=nnx.Rngs(key)), labels)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "mesh"), donate_argnames="state")
+@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "mesh"), donate_argnames="state")
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     step: jax.Array,
     *,
     graphdef: nnx.GraphDef,
-    config: ml_collections.FrozenConfigDict,
+    optimizer: Optimizer,
     mesh: jax.sharding.Mesh,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on the global `batch` dict(image (B, H, W, 3), label (B, H, W)): returns (state, metrics).
 
-    With config.train.grad_accum_steps = k the batch is split into k micro-batches of B/k images (micro-batch j takes
+    With optimizer.accumulation_steps = k the batch is split into k micro-batches of B/k images (micro-batch j takes
     rows j, j+k, ..., so every device keeps its own rows), each with its own BatchNorm statistics as in the
-    reference's gradient accumulation; their gradients are averaged by optax's MultiSteps and applied once. Static
-    arguments are hashable, so equal runs in one process share the compilation.
+    reference's gradient accumulation; their gradients are averaged by optax's MultiSteps and applied once.
     """
-    k = config.train.grad_accum_steps
+    k = optimizer.accumulation_steps
     previous = jax.tree.leaves(state)  # the arrays themselves: nnx.merge reuses the state's Variables, updated below
     batch = jax.lax.with_sharding_constraint(batch, sharding.data_sharding(mesh))
     keys = jax.random.split(jax.random.fold_in(state["rng"], step), k)
     model_state, opt_state = state["model"], state["opt_state"]
-    tx = make_tx(nnx.state(nnx.merge(graphdef, model_state), nnx.Param), config)
     losses, finite = [], jnp.array(True)
     for j in range(k):  # unrolled: XLA:CPU runs the step several times slower inside a lax.scan
         images, labels = (x.reshape(x.shape[0] // k, k, *x.shape[1:])[:, j] for x in (batch["image"], batch["label"]))
         model = nnx.merge(graphdef, model_state)
         loss, grads = nnx.value_and_grad(_loss)(model, images, labels, keys[j])
         params = nnx.as_pure(nnx.state(model, nnx.Param))
-        updates, opt_state = tx.update(nnx.as_pure(grads), opt_state, params)
+        updates, opt_state = optimizer.tx.update(nnx.as_pure(grads), opt_state, params)
         new_params = optax.apply_updates(params, updates)
         finite &= jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
         nnx.update(model, new_params)
@@ -199,7 +200,7 @@ def make_train_data(
         source=config.data.source,
         process_index=process_index,
         process_count=process_count,
-        reduce_zero_label=config.data.get("reduce_zero_label"),  # only the folder dataset's configs have the key
+        reduce_zero_label=config.data.reduce_zero_label,
     )
 
 
@@ -212,9 +213,10 @@ def _format_duration(seconds: float) -> str:
 class _Progress:
     """Console and TensorBoard training scalars: loss, learning rate, images/s and ETA over each logging window."""
 
-    def __init__(self, config: ml_collections.ConfigDict, step: int, writer: SummaryWriter | None):
-        self.config = config
-        self.schedule = make_lr_schedule(config)
+    def __init__(
+        self, config: ml_collections.ConfigDict, optimizer: Optimizer, step: int, writer: SummaryWriter | None
+    ):
+        self.config, self.optimizer = config, optimizer
         self.writer = writer
         self.restart(step)
 
@@ -224,7 +226,7 @@ class _Progress:
 
     def log(self, step: int, loss: float, num_skipped: int) -> None:
         """Logs step `step`; speed and ETA over the steps since the window started (none right after a restart)."""
-        lr = self.config.optimizer.lr * float(self.schedule(step - 1))
+        lr = self.optimizer.learning_rate(step - 1)
         speed = ""
         if step > self.window_step:
             steps_per_second = (step - self.window_step) / (time.perf_counter() - self.window_start)
@@ -305,7 +307,10 @@ class _NonFiniteGuard:
             )
         logging.warning(
             "step %d: the loss or gradients are not finite (loss %s): update skipped (%d in a row, %d in all)",
-            step, loss, self.in_a_row, self.total,
+            step,
+            loss,
+            self.in_a_row,
+            self.total,
         )
 
 
@@ -337,8 +342,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: threading.Even
     check_batch(config, mesh)
     data = make_train_data(config)
     data_iterator = iter(data)
-    graphdef, state = init_state(config, mesh)
-    metadata = {"model": config.model.to_dict(), "config": config.to_dict()}
+    graphdef, state, optimizer = init_state(config, mesh)
+    metadata = {"model": configuration.model_record(config), "config": config.to_dict()}
     manager = checkpoints.make_manager(
         workdir, config.train.keep_checkpoints, metadata=metadata, save_every=config.train.checkpoint_every
     )
@@ -348,14 +353,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: threading.Even
         step, state = restored
         logging.info("resumed from %s/checkpoints at step %d", workdir, step)
     writer = _summary_writer(workdir)
-    static = {"graphdef": graphdef, "config": ml_collections.FrozenConfigDict(config), "mesh": mesh}
-    progress = _Progress(config, step, writer)
+    static = {"graphdef": graphdef, "optimizer": optimizer, "mesh": mesh}
+    progress = _Progress(config, optimizer, step, writer)
     guard = _NonFiniteGuard(config, workdir, manager)
     num_steps, eval_every = config.train.num_steps, config.train.eval_every
     if step < num_steps:
         logging.info(
             "training %d steps of %d images on %d devices (%d processes); the first step compiles",
-            num_steps - step, config.train.global_batch_size, mesh.devices.size, jax.process_count(),
+            num_steps - step,
+            config.train.global_batch_size,
+            mesh.devices.size,
+            jax.process_count(),
         )
     results, stopped = None, False
     first_step, started = step, time.perf_counter()

@@ -1,9 +1,10 @@
 """The published checkpoint layouts, brought to one form: a flat mmseg-named state_dict of the full segmentor.
 
-Layouts met in the wild (segnext_reference.md §4): a bare state_dict or one under 'state_dict' / 'model' next to
-'meta' / 'optimizer'; keys prefixed by `module.` (DataParallel); ImageNet MSCAN backbones (no `backbone.` prefix,
-official `mlp.dwconv.dwconv.*` naming, an ImageNet classification head `head.*`); full segmentors (`backbone.*` +
-`decode_head.*`) in official or mmseg naming. Variant and class count are read from the tensor shapes.
+Layouts met in the wild (the official release, mmseg's model zoo, JSeg): a bare state_dict or one under
+'state_dict' / 'model' next to 'meta' / 'optimizer'; keys prefixed by `module.` (DataParallel); ImageNet MSCAN
+backbones (no `backbone.` prefix, official `mlp.dwconv.dwconv.*` naming, an ImageNet classification head `head.*`);
+full segmentors (`backbone.*` + `decode_head.*`) in official or mmseg naming. Variant and class count are read from
+the tensor shapes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from segnext_jax.models import VARIANTS
-from weights_conversion.pth_io import CheckpointFormatError
+from segnext_jax.serving.pth_io import CheckpointFormatError
 
 _BACKBONE = "backbone."
 _HEAD = "decode_head."
