@@ -177,6 +177,11 @@ def lower_train(
         return train.train_step.lower(state, batch, step, **static)
 
 
+def first_chip(mesh: Mesh) -> Mesh:
+    """A `data` mesh of `mesh`'s first device: evaluation runs on each host's first device."""
+    return Mesh(mesh.devices.flat[:1], (sharding.DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
 def lower_eval(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
@@ -188,7 +193,7 @@ def lower_eval(
     """The evaluation network call (`inference._network_logits`: evaluation mode, logits resized to the input) on
     the mesh's first device, for `batch` images of `image_size`, under the backend policy of `target` (default:
     the mesh's devices)."""
-    one_chip = Mesh(mesh.devices.flat[:1], (sharding.DATA_AXIS,), axis_types=(AxisType.Auto,))
+    one_chip = first_chip(mesh)
     chip = NamedSharding(one_chip, PartitionSpec())
     model = abstract_model(config)
     graphdef, state = nnx.split(model)
@@ -426,7 +431,7 @@ def compile_program(
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
-    loop_mesh = mesh if program == "train" else Mesh(mesh.devices.flat[:1], (sharding.DATA_AXIS,))
+    loop_mesh = mesh if program == "train" else first_chip(mesh)
     stages = _scan_correction(config, loop_mesh, program, global_batch, image_size) if correct_loops else []
     report = {
         "program": program,

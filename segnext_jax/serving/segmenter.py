@@ -39,7 +39,7 @@ def dataset_for(num_classes: int, name: str | None = None, root: str | None = No
     if name == datasets.FOLDER:
         try:
             spec = datasets.get_spec(name, root)
-        except (OSError, ValueError):
+        except (OSError, datasets.DatasetError):  # the folder moved or its class list changed: generic names
             return None
         return spec if spec.num_classes == num_classes else None
     if name is not None:
