@@ -13,6 +13,8 @@ The models and the loss say what they compute; a `Policy` says how, for one plat
   `jax.lax.scan` (segnext_jax.models.mscan.run_blocks).
 - `remat_blocks`: whether a scanned stage recomputes each block's activations in the backward pass
   (`jax.checkpoint`) instead of keeping them: on TPU, where HBM bounds the batch and the step is memory-bound.
+- `fold_stem`: whether the stem computes with W folded into channels (segnext_jax.models.mscan.StemConv): on TPU,
+  whose tiles pad a narrow minor axis (the stem's 3, 16, 32 or 64 channels) to 128 lanes.
 
 The platform is that of the target devices: the mesh's a program is compiled for (`policy_for(mesh)`), or one named
 explicitly. A program traced inside `with use(mesh):` (or `use("tpu")`, or `use(policy)`) follows that target's
@@ -58,6 +60,7 @@ class Policy:
     fusion_barrier: bool
     max_inlined_blocks: int
     remat_blocks: bool = False
+    fold_stem: bool = False
 
     def depthwise(self, dtype: Any) -> str:
         """The depth-wise implementation for inputs of `dtype`: the native kernels compute float32 only."""
@@ -101,7 +104,9 @@ def policy_for(target: Target = None) -> Policy:
     if platform == "gpu":  # XLA's own grouped convolution, loss and fusion; every multi-block stage scanned
         return Policy("gpu", "xla", "xla", fusion_barrier=False, max_inlined_blocks=1)
     if platform == "tpu":
-        return Policy("tpu", "shift_add", "xla", fusion_barrier=False, max_inlined_blocks=1, remat_blocks=True)
+        return Policy(
+            "tpu", "shift_add", "xla", fusion_barrier=False, max_inlined_blocks=1, remat_blocks=True, fold_stem=True
+        )
     native_depthwise = depthwise_kernels.available()
     return Policy(
         "cpu",

@@ -226,7 +226,7 @@ KEYS: dict[str, Key] = {
                                   minimum=1),
     "train.sample_predictions": Key(int, 4, "validation images logged as image | ground truth | prediction",
                                     minimum=0),
-    "train.on_nonfinite": Key(str, "stop", "a step whose loss, gradients or new parameters are not finite changes "
+    "train.on_nonfinite": Key(str, "stop", "a step whose loss, gradients or learning rate are not finite changes "
                               "nothing and 'stop's the run (nothing non-finite is saved) or is 'skip'ped, until "
                               "max_nonfinite_in_a_row such steps follow each other", choices=("stop", "skip")),
     "train.max_nonfinite_in_a_row": Key(int, 5, "skipped non-finite steps in a row that stop the run", minimum=1),

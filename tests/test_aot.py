@@ -84,7 +84,8 @@ def test_compiles_train_and_eval_for_a_v5e_slice_on_this_host(tiny_config, tmp_p
         assert REPORT_KEYS <= set(report)
         assert report["program"] == program and report["topology"] == "v5e:2x2" and report["chips"] == chips
         assert report["policy"] == dict(platform="tpu", depthwise_impl="shift_add", loss_impl="xla",
-                                        fusion_barrier=False, max_inlined_blocks=1, remat_blocks=True)  # fmt: skip
+                                        fusion_barrier=False, max_inlined_blocks=1, remat_blocks=True,
+                                        fold_stem=True)  # fmt: skip
         largest = report["largest_operations"]  # where the bytes go, heaviest first, named by their JAX operation
         assert 0 < len(largest) <= 12 and sum(op["share"] for op in largest) <= 1
         assert [op["bytes"] for op in largest] == sorted((op["bytes"] for op in largest), reverse=True)

@@ -33,7 +33,9 @@ def test_cpu_policy_keeps_the_native_kernels_and_inlined_stages():
 
 ACCELERATORS = {
     "gpu": backend.Policy("gpu", "xla", "xla", fusion_barrier=False, max_inlined_blocks=1),
-    "tpu": backend.Policy("tpu", "shift_add", "xla", fusion_barrier=False, max_inlined_blocks=1, remat_blocks=True),
+    "tpu": backend.Policy(
+        "tpu", "shift_add", "xla", fusion_barrier=False, max_inlined_blocks=1, remat_blocks=True, fold_stem=True
+    ),
 }
 
 

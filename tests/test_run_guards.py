@@ -11,10 +11,11 @@ import subprocess
 import sys
 import textwrap
 
+import jax.numpy as jnp
 import pytest
 from absl import logging
 
-from segnext_jax import configuration, paths
+from segnext_jax import checkpoints, configuration, paths
 from segnext_jax.training import interrupts, train, workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,16 +199,24 @@ class FakeManager:
         return 4
 
 
+class FakeOptimizer:
+    def learning_rate(self, step: int) -> float:
+        return 6e-5 * (1 - step / 10)
+
+
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_non_finite_steps_stop_or_are_skipped_until_too_many_follow(policy, caplog):
     config = load("demo.py")
     config.train.on_nonfinite, config.train.max_nonfinite_in_a_row = policy, 2
-    guard = train._NonFiniteGuard(config, "/runs/demo", FakeManager())
+    guard = train._NonFiniteGuard(config, "/runs/demo", FakeManager(), FakeOptimizer())
     finite, not_finite = {"finite": True, "loss": 0.5}, {"finite": False, "loss": float("nan")}
     guard.check(5, finite)
     kept = "the newest checkpoint, step 4, is in /runs/demo/checkpoints"
     if policy == "stop":
-        with pytest.raises(train.NonFiniteError, match=r"^step 6: the loss or gradients are not finite \(loss nan\)"):
+        with pytest.raises(
+            train.NonFiniteError,
+            match=r"^step 6: the loss, gradients or learning rate are not finite \(loss nan, learning rate 3e-05\)",
+        ):
             guard.check(6, not_finite)
         return
     with caplog.at_level(logging.WARNING):
@@ -217,5 +226,25 @@ def test_non_finite_steps_stop_or_are_skipped_until_too_many_follow(policy, capl
     assert caplog.text.count("update skipped") == 2
     with pytest.raises(train.NonFiniteError) as error:
         guard.check(9, not_finite)  # the second in a row
-    assert str(error.value).startswith("step 9: 2 steps in a row with a non-finite loss or gradients")
+    assert str(error.value).startswith("step 9: 2 steps in a row with a non-finite loss, gradients or learning rate")
     assert kept in str(error.value)
+
+
+def test_an_update_that_overflowed_is_not_saved(tmp_path):
+    """The step checks its inputs (loss, gradients, learning rate); a state that still came out non-finite is refused
+    by the save and the run stops with one line, the steps saved before intact."""
+    config = load("demo.py")
+    manager = checkpoints.make_manager(str(tmp_path), keep=3)
+    guard = train._NonFiniteGuard(config, str(tmp_path), manager, FakeOptimizer())
+    good = {"model": {"w": jnp.ones(3)}}
+    guard.save(2, good, force=True)
+    checkpoints.wait_for_saves(manager)
+    with pytest.raises(train.NonFiniteError) as error:
+        guard.save(3, {"model": {"w": jnp.array([1.0, jnp.inf, 0.0])}}, force=True)
+    assert str(error.value) == (
+        "step 3: the update overflowed (['model']['w'] has NaN or infinite values although the loss, gradients and "
+        f"learning rate were finite); stopped without saving it (the newest checkpoint, step 2, is in {tmp_path}/"
+        "checkpoints): lower config.optimizer.lr"
+    )
+    assert manager.all_steps() == [2]
+    manager.close()

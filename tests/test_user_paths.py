@@ -212,7 +212,7 @@ def test_diverging_run_stops_without_saving_and_keeps_the_good_checkpoints(train
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     kept = f"the newest checkpoint, step 4, is in {workdir}/checkpoints"
-    assert last.startswith("error: step 5: the loss or gradients are not finite (loss ")
+    assert last.startswith("error: step 5: the loss, gradients or learning rate are not finite (loss ")
     assert kept in last
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "metadata"]
     after = params(workdir)

@@ -3,6 +3,8 @@ whose ham is non-negative matrix factorisation (NMF2D), then a classifier. NHWC;
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,37 +28,110 @@ def draw_nmf_bases(key: jax.Array, batch: int, dim: int, rank: int, num_splits: 
     return bases / jnp.maximum(norm, 1e-12)
 
 
-def _update_coef(x: jax.Array, bases: jax.Array, coef: jax.Array) -> jax.Array:
-    numerator = jnp.einsum("bnd,bdr->bnr", x, bases, precision=_HIGHEST)
+def _coef_from(numerator: jax.Array, bases: jax.Array, coef: jax.Array) -> jax.Array:
+    """The coefficient update given its numerator x @ bases (B*S, N, R)."""
     gram = jnp.einsum("bdr,bds->brs", bases, bases, precision=_HIGHEST)
     denominator = jnp.einsum("bnr,brs->bns", coef, gram, precision=_HIGHEST)
     return coef * numerator / (denominator + NMF_EPS)
 
 
-def _update_bases(x: jax.Array, bases: jax.Array, coef: jax.Array) -> jax.Array:
-    numerator = jnp.einsum("bnd,bnr->bdr", x, coef, precision=_HIGHEST)
+def _bases_from(numerator: jax.Array, bases: jax.Array, coef: jax.Array) -> jax.Array:
+    """The bases update given its numerator x^T @ coef (B*S, D, R)."""
     gram = jnp.einsum("bnr,bns->brs", coef, coef, precision=_HIGHEST)
     denominator = jnp.einsum("bdr,brs->bds", bases, gram, precision=_HIGHEST)
     return bases * numerator / (denominator + NMF_EPS)
 
 
+def _x_bases(x: jax.Array, bases: jax.Array) -> jax.Array:
+    return jnp.einsum("bnd,bdr->bnr", x, bases, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _x_coef(x: jax.Array, coef: jax.Array) -> jax.Array:
+    return jnp.einsum("bnd,bnr->bdr", x, coef, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _nmf_forward(x: jax.Array, bases: jax.Array, steps: int, inv_t: float):
+    """The iterations, keeping what the backward pass needs: every bases, coef and numerator, all (N or D) x R."""
+    coef = jax.nn.softmax(inv_t * _x_bases(x, bases), axis=-1)
+    all_bases, coefs, coef_numerators, bases_numerators = [bases], [coef], [], []
+    for _ in range(steps + 1):
+        coef_numerators.append(_x_bases(x, bases))
+        coef = _coef_from(coef_numerators[-1], bases, coef)
+        coefs.append(coef)
+        if len(bases_numerators) < steps:
+            bases_numerators.append(_x_coef(x, coef))
+            bases = _bases_from(bases_numerators[-1], bases, coef)
+            all_bases.append(bases)
+    y = jnp.einsum("bdr,bnr->bnd", bases, coef, precision=_HIGHEST)
+    return y, (all_bases, coefs, coef_numerators, bases_numerators)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _nmf(x: jax.Array, bases: jax.Array, steps: int, inv_t: float, one_step_grad: bool) -> jax.Array:
+    return _nmf_forward(x, bases, steps, inv_t)[0]
+
+
+def _nmf_fwd(x, bases, steps, inv_t, one_step_grad):
+    y, saved = _nmf_forward(x, bases, steps, inv_t)
+    return y, (x, saved)
+
+
+def _nmf_bwd(steps, inv_t, one_step_grad, residuals, dy):
+    """Reverse-mode through the iterations. x enters every numerator; its gradient is the sum of one (N, R) x (R, D)
+    product per numerator, computed at the end as a single matmul over the concatenated R axes instead of an (N, D)
+    accumulation per iteration (measured: benchmarks/README.md)."""
+    x, (all_bases, coefs, coef_numerators, bases_numerators) = residuals
+    dy = dy.astype(jnp.float32)
+    left, right = [], []  # dx = sum_i left_i @ right_i^T
+
+    def through_numerator_of_coef(d_coef, t):  # coef t+1 = _coef_from(x @ bases t, bases t, coef t)
+        _, vjp = jax.vjp(_coef_from, coef_numerators[t], all_bases[t], coefs[t])
+        d_numerator, d_bases, d_coef = vjp(d_coef)
+        left.append(d_numerator)
+        right.append(all_bases[t])
+        return d_bases + _x_coef(x, d_numerator), d_coef
+
+    bases, coef = all_bases[-1], coefs[-1]
+    d_coef = jnp.einsum("bnd,bdr->bnr", dy, bases, precision=_HIGHEST)
+    d_bases = jnp.einsum("bnd,bnr->bdr", dy, coef, precision=_HIGHEST)
+    d_bases_from_coef, d_coef = through_numerator_of_coef(d_coef, steps)
+    if one_step_grad:  # bases and coef were constants for the final coef update
+        d_bases = jnp.zeros_like(all_bases[0])
+    else:
+        d_bases = d_bases + d_bases_from_coef
+        for t in reversed(range(steps)):  # bases t+1 = _bases_from(x^T @ coef t+1, bases t, coef t+1)
+            _, vjp = jax.vjp(_bases_from, bases_numerators[t], all_bases[t], coefs[t + 1])
+            d_numerator, d_bases, d_coef_add = vjp(d_bases)
+            left.append(coefs[t + 1])
+            right.append(d_numerator)
+            d_coef = d_coef + d_coef_add + _x_bases(x, d_numerator)
+            d_bases_from_coef, d_coef = through_numerator_of_coef(d_coef, t)
+            d_bases = d_bases + d_bases_from_coef
+        c0 = coefs[0]  # softmax(inv_t * x @ bases 0)
+        d_logits = inv_t * c0 * (d_coef - jnp.sum(d_coef * c0, axis=-1, keepdims=True))
+        left.append(d_logits)
+        right.append(all_bases[0])
+        d_bases = d_bases + _x_coef(x, d_logits)
+    # kept apart from their producers: fused into them, the concatenation became in-place updates of the whole
+    # (N, K) buffer, each one read and written in full
+    left, right = jax.lax.optimization_barrier((left, right))
+    dx = jnp.einsum("bnk,bdk->bnd", jnp.concatenate(left, axis=-1), jnp.concatenate(right, axis=-1), precision=_HIGHEST)
+    return dx.astype(x.dtype), d_bases
+
+
+_nmf.defvjp(_nmf_fwd, _nmf_bwd)
+
+
 def nmf2d(x: jax.Array, bases: jax.Array, steps: int, *, inv_t: float = 1.0, one_step_grad: bool = False) -> jax.Array:
-    """NMF2D.forward on `x` >= 0 with initial `bases` (B*S, D, R); returns (bases @ coef^T)^T.
+    """NMF2D.forward on `x` >= 0 with initial `bases` (B*S, D, R); returns (bases @ coef^T)^T in float32.
 
     `x` is the transpose (B*S, N, D) of the reference's (B*S, D, N), the layout of NHWC features (no transposes,
-    which XLA:CPU runs slowly in the backward pass), and so is the result. Multiplicative updates: coef =
-    softmax(inv_t * x @ bases), `steps` (coef, bases) updates, one final coef update. The reference
-    back-propagates through every iteration; `one_step_grad` stops the gradient before the final coef update
-    instead (HamNet / JSeg).
+    which XLA:CPU runs slowly in the backward pass), and so is the result; any float dtype, read as float32.
+    Multiplicative updates: coef = softmax(inv_t * x @ bases), `steps` (coef, bases) updates, one final coef update.
+    The reference back-propagates through every iteration; `one_step_grad` stops the gradient before the final
+    coef update instead (HamNet / JSeg).
     """
-    coef = jax.nn.softmax(inv_t * jnp.einsum("bnd,bdr->bnr", x, bases, precision=_HIGHEST), axis=-1)
-    for _ in range(steps):
-        coef = _update_coef(x, bases, coef)
-        bases = _update_bases(x, bases, coef)
-    if one_step_grad:
-        bases, coef = jax.lax.stop_gradient(bases), jax.lax.stop_gradient(coef)
-    coef = _update_coef(x, bases, coef)
-    return jnp.einsum("bdr,bnr->bnd", bases, coef, precision=_HIGHEST)
+    return _nmf(x, bases.astype(jnp.float32), steps, inv_t, one_step_grad)
 
 
 class NMF2D(nnx.Module):
@@ -116,7 +191,7 @@ class NMF2D(nnx.Module):
         s = self.num_splits
         d = c // s
         # NHWC (B, H, W, S*D) -> (B*S, N, D), N = H*W in row-major order: the reference's (B*S, D, N) transposed.
-        x_nd = x.astype(jnp.float32).reshape(b, h * w, s, d).transpose(0, 2, 1, 3).reshape(b * s, h * w, d)
+        x_nd = x.reshape(b, h * w, s, d).transpose(0, 2, 1, 3).reshape(b * s, h * w, d)
         if bases is None and self.fixed_bases is not None:
             bases = self.repeated_bases(b)
         elif bases is None:
@@ -130,7 +205,7 @@ class NMF2D(nnx.Module):
         elif bases.shape != (b * s, d, self.rank):
             raise ValueError(f"nmf_bases must have shape {(b * s, d, self.rank)} (batch*S, D, R); got {bases.shape}")
         steps = self.eval_steps if self.deterministic else self.train_steps
-        y = nmf2d(x_nd, bases.astype(jnp.float32), steps, inv_t=self.inv_t, one_step_grad=self.one_step_grad)
+        y = nmf2d(x_nd, bases, steps, inv_t=self.inv_t, one_step_grad=self.one_step_grad)
         y = y.reshape(b, s, h * w, d).transpose(0, 2, 1, 3).reshape(b, h, w, c)
         return y.astype(x.dtype)
 

@@ -109,6 +109,36 @@ class Conv2d(nnx.Module):
             y = y + self.bias[...].astype(self.dtype)
         return y
 
+    def folded_stride2(self, x: jax.Array, fold_out: int) -> jax.Array:
+        """This 3x3 stride-2 convolution (padding 1) on a W-folded input (N, H, W / (2 f), 2 f * Cin), giving the
+        W-folded output (N, ceil(H / 2), W / (2 f), f * Cout), f = `fold_out`: the same values, laid out so that
+        narrow channels fill TPU's 128-lane tiles (see `StemConv`). Folded position p holds pixels p*f ... p*f+f-1
+        of the output and the 2 f input pixels from which their taps start, so each output position reads its own
+        input position and the one before: a (3, 2) kernel, stride (2, 1), built from this one's taps and zeros."""
+        kh, kw, _, _ = self.kernel.shape
+        if (kh, kw, self.stride, self.padding) != (3, 3, 2, (1, 1)):
+            raise ValueError(
+                f"folded_stride2 needs a 3x3 stride-2 padding-1 convolution, not {kh}x{kw} stride {self.stride} "
+                f"padding {self.padding}"
+            )
+        kernel = _folded_kernel(self.kernel[...].astype(self.dtype), 2 * fold_out, fold_out)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), kernel, (2, 1), ((1, 1), (1, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return y + jnp.tile(self.bias[...].astype(self.dtype), fold_out) if self.bias is not None else y
+
+
+def _folded_kernel(kernel: jax.Array, fold_in: int, fold_out: int) -> jax.Array:
+    """A 3-wide stride-2 HWIO kernel as the (kh, 2, fold_in * Cin, fold_out * Cout) kernel of `folded_stride2`:
+    output pixel k of folded position p reads input columns 2 (p f + k) - 1 + j, j < 3, i.e. pixel m of folded
+    position p - 1 + dw where j = fold_in (dw - 1) + m - 2 k + 1; every other (dw, m, k) is zero."""
+    kh, kw, cin, cout = kernel.shape
+    dw, m, k = np.meshgrid(np.arange(2), np.arange(fold_in), np.arange(fold_out), indexing="ij")
+    j = fold_in * (dw - 1) + m - 2 * k + 1
+    taps = kernel[:, np.clip(j, 0, kw - 1)]  # (kh, 2, fold_in, fold_out, Cin, Cout)
+    taps = jnp.where(((j >= 0) & (j < kw))[None, ..., None, None], taps, jnp.zeros((), kernel.dtype))
+    return taps.transpose(0, 1, 2, 4, 3, 5).reshape(kh, 2, fold_in * cin, fold_out * cout)
+
 
 class BatchNorm2d(nnx.Module):
     """PyTorch's `nn.BatchNorm2d` over the last axis: eps 1e-5, momentum 0.1, and the running variance updated with
@@ -126,20 +156,23 @@ class BatchNorm2d(nnx.Module):
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, fold: int = 1) -> jax.Array:
+        """Normalises `x`; `fold` > 1 reads its last axis as `fold` pixels of C channels each (a W-folded layout)."""
         xf = x.astype(jnp.float32)
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)
-            count = math.prod(x.shape[:-1])
+            pixels = xf.reshape(*x.shape[:-1], fold, x.shape[-1] // fold) if fold > 1 else xf
+            axes = tuple(range(pixels.ndim - 1))
+            mean = jnp.mean(pixels, axes)
+            var = jnp.mean(jnp.square(pixels - mean), axes)
+            count = math.prod(pixels.shape[:-1])
             unbiased = var * (count / max(count - 1, 1))
             m = self.momentum
             self.mean[...] = jax.lax.stop_gradient((1 - m) * self.mean[...] + m * mean)
             self.var[...] = jax.lax.stop_gradient((1 - m) * self.var[...] + m * unbiased)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        mean, rstd = jnp.tile(mean, fold), jnp.tile(jax.lax.rsqrt(var + self.eps), fold)
+        y = (xf - mean) * rstd * jnp.tile(self.scale[...], fold) + jnp.tile(self.bias[...], fold)
         return y.astype(x.dtype)
 
 

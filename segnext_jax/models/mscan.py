@@ -19,6 +19,8 @@ from segnext_jax.kernels import fusion_barrier
 from segnext_jax.models.depthwise import DepthwiseConv2d, resolve_impl
 from segnext_jax.models.layers import GELU, BatchNorm2d, Conv2d, DropPath, DType, LayerNorm, gelu
 
+LANES = 128  # the minor tile extent of TPU's HBM layouts
+
 
 class StemConv(nnx.Module):
     """Stage-1 patch embedding: two 3x3 stride-2 convolutions with BatchNorm, GELU between (stride 4 overall)."""
@@ -36,9 +38,29 @@ class StemConv(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.proj:
-            x = layer(x)
-        return x
+        fold = self.lane_fold(x.shape[2]) if backend.current().fold_stem else 1
+        if fold == 1:
+            for layer in self.proj:
+                x = layer(x)
+            return x
+        conv1, norm1, act, conv2, norm2 = self.proj
+        n, h, w, c = x.shape
+        x = x.reshape(n, h, w // (2 * fold), 2 * fold * c)
+        x = act(norm1(conv1.folded_stride2(x, fold), fold=fold))
+        x = norm2(conv2.folded_stride2(x, fold // 2), fold=fold // 2)
+        return x.reshape(n, x.shape[1], w // 4, -1)
+
+    def lane_fold(self, width: int) -> int:
+        """Pixels per folded position of the first convolution's output in the W-folded computation (1: none).
+
+        The same convolutions, normalisations and activation on a layout where W is folded into channels: f
+        adjacent pixels of C channels as f * C = 128 channels (`Conv2d.folded_stride2`), so the narrow activations
+        fill TPU's (8, 128) tiles instead of being padded to 128 lanes and relaid out between operations
+        (measured: benchmarks/README.md). Needs C to divide 128 (so f is a power of two, halved for the second
+        convolution's output of 2 C channels) and 2 f to divide the input width."""
+        mid = self.proj[0].kernel.shape[-1]
+        fold = LANES // mid if LANES % mid == 0 else 1
+        return fold if fold >= 2 and width % (2 * fold) == 0 else 1
 
 
 class OverlapPatchEmbed(nnx.Module):

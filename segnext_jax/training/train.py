@@ -38,7 +38,8 @@ TrainState = dict[str, Any]
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss, gradient or parameter (config.train.on_nonfinite); nothing was saved."""
+    """Training produced a non-finite loss, gradient, learning rate or parameter (config.train.on_nonfinite); nothing
+    was saved."""
 
 
 class Optimizer:
@@ -54,6 +55,7 @@ class Optimizer:
         opt = config.optimizer
         self._values = (tuple(opt.items()), config.train.num_steps, config.train.grad_accum_steps)
         self.lr = opt.lr
+        self.largest_lr_mult = max(1.0, opt.head_lr_mult)
         self.accumulation_steps = config.train.grad_accum_steps
         self.schedule = configuration.make_lr_schedule(config)
         self.tx = make_optimizer(
@@ -70,6 +72,10 @@ class Optimizer:
     def learning_rate(self, step: int) -> float:
         """The base (backbone) learning rate of optimiser step `step` (0-based)."""
         return self.lr * float(self.schedule(step))
+
+    def rates_finite(self, step: jax.Array) -> jax.Array:
+        """Whether every parameter group's learning rate at optimiser step `step` is finite in float32."""
+        return jnp.isfinite(jnp.float32(self.lr * self.largest_lr_mult) * self.schedule(step))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Optimizer) and self._values == other._values
@@ -129,6 +135,12 @@ def train_step(
     With optimizer.accumulation_steps = k the batch is split into k micro-batches of B/k images (micro-batch j takes
     rows j, j+k, ..., so every device keeps its own rows), each with its own BatchNorm statistics as in the
     reference's gradient accumulation; their gradients are averaged by optax's MultiSteps and applied once.
+
+    The step is applied only where the loss, the gradients and the learning rates are finite (`finite` in the
+    metrics); otherwise the state comes back as it was. Checking these inputs of the update, not the new state, lets
+    XLA fuse the choice into the optimiser's own pass over the parameters and moments: checking the new state too
+    took a second pass over all of them (measured: benchmarks/README.md). An update that overflows from finite
+    inputs is left to the next step's loss and to `checkpoints.save`, which refuses a non-finite state.
     """
     k = optimizer.accumulation_steps
     previous = jax.tree.leaves(state)  # the arrays themselves: nnx.merge reuses the state's Variables, updated below
@@ -140,15 +152,15 @@ def train_step(
         images, labels = (x.reshape(x.shape[0] // k, k, *x.shape[1:])[:, j] for x in (batch["image"], batch["label"]))
         model = nnx.merge(graphdef, model_state)
         loss, grads = nnx.value_and_grad(_loss)(model, images, labels, keys[j])
+        finite &= jnp.isfinite(loss) & _all_finite(grads) & optimizer.rates_finite(step)
         params = nnx.as_pure(nnx.state(model, nnx.Param))
         updates, opt_state = optimizer.tx.update(nnx.as_pure(grads), opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        finite &= jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
         nnx.update(model, new_params)
         model_state = nnx.state(model)
         losses.append(loss)
     new_state = {"model": model_state, "opt_state": opt_state, "rng": state["rng"]}
-    # A non-finite loss, gradient or parameter leaves the state as it was (the host stops or skips the step).
+    # A non-finite loss, gradient or learning rate leaves the state as it was (the host stops or skips the step).
     kept = [_keep_if_not(finite, new, old) for new, old in zip(jax.tree.leaves(new_state), previous, strict=True)]
     new_state = jax.tree.unflatten(jax.tree.structure(new_state), kept)
     new_state = jax.lax.with_sharding_constraint(new_state, sharding.replicated_sharding(mesh))
@@ -270,13 +282,14 @@ class _Profiler:
 
 
 class _NonFiniteGuard:
-    """config.train.on_nonfinite for steps whose loss, gradients or new parameters were not finite.
+    """config.train.on_nonfinite for steps whose loss, gradients or learning rate were not finite.
 
     The step itself left the state unchanged (`train_step`); here the run stops ('stop') or goes on ('skip') until
     config.train.max_nonfinite_in_a_row such steps follow each other. Either way nothing non-finite is saved.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, manager: Any):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, manager: Any, optimizer: Optimizer):
+        self.learning_rate = optimizer.learning_rate
         self.policy, self.max_in_a_row = config.train.on_nonfinite, config.train.max_nonfinite_in_a_row
         self.workdir, self.manager = workdir, manager
         self.in_a_row = self.total = 0
@@ -288,30 +301,45 @@ class _NonFiniteGuard:
             return
         self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
         loss = float(metrics["loss"])
-        latest = self.manager.latest_step()
-        kept = (
-            f"the newest checkpoint, step {latest}, is in {self.workdir}/checkpoints"
-            if latest is not None
-            else "no checkpoint was saved yet"
-        )
+        kept = self._kept()
         if self.policy == "stop":
             raise NonFiniteError(
-                f"step {step}: the loss or gradients are not finite (loss {loss}); stopped without saving it ({kept}): "
+                f"step {step}: the loss, gradients or learning rate are not finite (loss {loss}, learning rate "
+                f"{self.learning_rate(step - 1):.3g}); stopped without saving it ({kept}): "
                 "lower config.optimizer.lr, or set --config.train.on_nonfinite=skip to skip such steps"
             )
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteError(
-                f"step {step}: {self.in_a_row} steps in a row with a non-finite loss or gradients "
+                f"step {step}: {self.in_a_row} steps in a row with a non-finite loss, gradients or learning rate "
                 f"(config.train.max_nonfinite_in_a_row={self.max_in_a_row}); stopped without saving them ({kept}): "
                 "lower config.optimizer.lr"
             )
         logging.warning(
-            "step %d: the loss or gradients are not finite (loss %s): update skipped (%d in a row, %d in all)",
+            "step %d: the loss, gradients or learning rate are not finite (loss %s): update skipped (%d in a row, "
+            "%d in all)",
             step,
             loss,
             self.in_a_row,
             self.total,
         )
+
+    def _kept(self) -> str:
+        latest = self.manager.latest_step()
+        if latest is None:
+            return "no checkpoint was saved yet"
+        return f"the newest checkpoint, step {latest}, is in {self.workdir}/checkpoints"
+
+    def save(self, step: int, state: TrainState, *args: Any, **kwargs: Any) -> None:
+        """`checkpoints.save`, stopping the run when an update from finite inputs overflowed (the step checks its
+        inputs only, `train_step`): the state is not saved."""
+        try:
+            checkpoints.save(self.manager, step, state, *args, **kwargs)
+        except checkpoints.NonFiniteStateError as error:
+            raise NonFiniteError(
+                f"step {step}: the update overflowed ({error.key} has NaN or infinite values although the loss, "
+                f"gradients and learning rate were finite); stopped without saving it ({self._kept()}): lower "
+                "config.optimizer.lr"
+            ) from None
 
 
 def train(
@@ -355,7 +383,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: threading.Even
     writer = _summary_writer(workdir)
     static = {"graphdef": graphdef, "optimizer": optimizer, "mesh": mesh}
     progress = _Progress(config, optimizer, step, writer)
-    guard = _NonFiniteGuard(config, workdir, manager)
+    guard = _NonFiniteGuard(config, workdir, manager, optimizer)
     num_steps, eval_every = config.train.num_steps, config.train.eval_every
     if step < num_steps:
         logging.info(
@@ -399,7 +427,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: threading.Even
                 results = evaluate.evaluate(model, config, step=step, workdir=workdir, writer=writer)
                 evaluated = {name: results[name] for name in ("mIoU", "mAcc", "aAcc")}
                 progress.restart(step)
-            checkpoints.save(manager, step, state, data_iterator, evaluated, force=stopped or step == num_steps)
+            guard.save(step, state, data_iterator, evaluated, force=stopped or step == num_steps)
             if stopped:
                 break
         checkpoints.wait_for_saves(manager)
