@@ -77,12 +77,7 @@ class SaveError(OSError):
 
 
 class NonFiniteStateError(RuntimeError):
-    """`save` was given a state with NaN or infinite values (`key` names the first): nothing was written. The trainer
-    stops the run with a NonFiniteError instead (an update that overflowed)."""
-
-    def __init__(self, message: str, key: str):
-        super().__init__(message)
-        self.key = key
+    """`save` was given a state with NaN or infinite values: a bug of the caller (the trainer never saves one)."""
 
 
 class _Damaged(Exception):
@@ -165,9 +160,7 @@ def save(
         return False
     record, non_finite = _checksums(state_tree)
     if non_finite is not None:
-        raise NonFiniteStateError(
-            f"refusing to save checkpoint step {step}: {non_finite} has NaN or infinite values", non_finite
-        )
+        raise NonFiniteStateError(f"refusing to save checkpoint step {step}: {non_finite} has NaN or infinite values")
     items = {"state": ocp.args.StandardSave(state_tree)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -500,7 +493,7 @@ def save_model(model: nnx.Module, path: str, metadata: dict[str, Any], *, overwr
         raise ValueError(f"save_model: the model's parameters do not match metadata['model'] = {model_kwargs}")
     record, non_finite = _checksums(nnx.state(model))
     if non_finite is not None:
-        raise NonFiniteStateError(f"save_model: {non_finite} has NaN or infinite values", non_finite)
+        raise NonFiniteStateError(f"save_model: {non_finite} has NaN or infinite values")
     given, path = path, epath.Path(paths.resolve(path))
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{given} already exists: choose a new directory, or overwrite it explicitly")

@@ -63,3 +63,14 @@ def test_folded_stem_in_bfloat16_is_close():
         folded = stem(images)
     assert folded.dtype == jnp.bfloat16
     np.testing.assert_allclose(folded.astype(np.float32), plain.astype(np.float32), atol=0.1)
+
+
+def test_folded_stem_in_evaluation_mode_uses_the_running_statistics():
+    stem = mscan.StemConv(3, 64, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    stem(jax.random.normal(jax.random.key(3), (2, 64, 64, 3)) * 2 + 1)  # running statistics away from (0, 1)
+    stem.eval()
+    images = jax.random.normal(jax.random.key(4), (1, 64, 64, 3))
+    plain = stem(images)
+    with backend.use(FOLDED):
+        folded = stem(images)
+    np.testing.assert_allclose(folded, plain, rtol=1e-5, atol=1e-5)

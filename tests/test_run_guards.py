@@ -11,11 +11,12 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import pytest
 from absl import logging
 
-from segnext_jax import checkpoints, configuration, paths
+from segnext_jax import configuration, paths
 from segnext_jax.training import interrupts, train, workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,21 +231,20 @@ def test_non_finite_steps_stop_or_are_skipped_until_too_many_follow(policy, capl
     assert kept in str(error.value)
 
 
-def test_an_update_that_overflowed_is_not_saved(tmp_path):
-    """The step checks its inputs (loss, gradients, learning rate); a state that still came out non-finite is refused
-    by the save and the run stops with one line, the steps saved before intact."""
-    config = load("demo.py")
-    manager = checkpoints.make_manager(str(tmp_path), keep=3)
-    guard = train._NonFiniteGuard(config, str(tmp_path), manager, FakeOptimizer())
-    good = {"model": {"w": jnp.ones(3)}}
-    guard.save(2, good, force=True)
-    checkpoints.wait_for_saves(manager)
-    with pytest.raises(train.NonFiniteError) as error:
-        guard.save(3, {"model": {"w": jnp.array([1.0, jnp.inf, 0.0])}}, force=True)
-    assert str(error.value) == (
-        "step 3: the update overflowed (['model']['w'] has NaN or infinite values although the loss, gradients and "
-        f"learning rate were finite); stopped without saving it (the newest checkpoint, step 2, is in {tmp_path}/"
-        "checkpoints): lower config.optimizer.lr"
-    )
-    assert manager.all_steps() == [2]
-    manager.close()
+def test_a_state_that_overflowed_stops_the_run():
+    """The step checks its inputs (loss, gradients, learning rate); a state that still came out non-finite is found
+    before the trainer evaluates or saves it, and the run stops with one line under either policy."""
+    for policy in ("stop", "skip"):
+        config = load("demo.py")
+        config.train.on_nonfinite = policy
+        guard = train._NonFiniteGuard(config, "/runs/demo", FakeManager(), FakeOptimizer())
+        state = {"model": {"w": jnp.ones(3), "key": jax.random.key(0)}, "opt_state": (jnp.zeros(2, jnp.int32),)}
+        guard.check_state(6, state)  # finite: nothing happens
+        state["model"]["w"] = jnp.array([1.0, jnp.inf, 0.0])
+        with pytest.raises(train.NonFiniteError) as error:
+            guard.check_state(6, state)
+        assert str(error.value) == (
+            "step 6: the parameters or optimiser moments are not finite although every step's loss, gradients and "
+            "learning rate were (an update at or before step 6 overflowed); stopped without saving it (the newest "
+            "checkpoint, step 4, is in /runs/demo/checkpoints): lower config.optimizer.lr"
+        )

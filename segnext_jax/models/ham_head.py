@@ -43,11 +43,11 @@ def _bases_from(numerator: jax.Array, bases: jax.Array, coef: jax.Array) -> jax.
 
 
 def _x_bases(x: jax.Array, bases: jax.Array) -> jax.Array:
-    return jnp.einsum("bnd,bdr->bnr", x, bases, precision=_HIGHEST, preferred_element_type=jnp.float32)
+    return jnp.einsum("bnd,bdr->bnr", x.astype(jnp.float32), bases, precision=_HIGHEST)
 
 
 def _x_coef(x: jax.Array, coef: jax.Array) -> jax.Array:
-    return jnp.einsum("bnd,bnr->bdr", x, coef, precision=_HIGHEST, preferred_element_type=jnp.float32)
+    return jnp.einsum("bnd,bnr->bdr", x.astype(jnp.float32), coef, precision=_HIGHEST)
 
 
 def _nmf_forward(x: jax.Array, bases: jax.Array, steps: int, inv_t: float):

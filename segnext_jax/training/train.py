@@ -38,8 +38,8 @@ TrainState = dict[str, Any]
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss, gradient, learning rate or parameter (config.train.on_nonfinite); nothing
-    was saved."""
+    """Training produced a non-finite loss, gradient, learning rate or state (config.train.on_nonfinite); nothing was
+    saved."""
 
 
 class Optimizer:
@@ -55,7 +55,7 @@ class Optimizer:
         opt = config.optimizer
         self._values = (tuple(opt.items()), config.train.num_steps, config.train.grad_accum_steps)
         self.lr = opt.lr
-        self.largest_lr_mult = max(1.0, opt.head_lr_mult)
+        self.group_lrs = (opt.lr, opt.lr * opt.head_lr_mult)  # backbone and head, before the schedule
         self.accumulation_steps = config.train.grad_accum_steps
         self.schedule = configuration.make_lr_schedule(config)
         self.tx = make_optimizer(
@@ -74,8 +74,10 @@ class Optimizer:
         return self.lr * float(self.schedule(step))
 
     def rates_finite(self, step: jax.Array) -> jax.Array:
-        """Whether every parameter group's learning rate at optimiser step `step` is finite in float32."""
-        return jnp.isfinite(jnp.float32(self.lr * self.largest_lr_mult) * self.schedule(step))
+        """Whether the backbone's and the head's learning rates at step `step` are finite in float32 (the schedule
+        is finite at every step, so this holds at every step or at none)."""
+        factor = self.schedule(step)
+        return jnp.all(jnp.isfinite(jnp.asarray(self.group_lrs, jnp.float32) * factor))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Optimizer) and self._values == other._values
@@ -140,7 +142,7 @@ def train_step(
     metrics); otherwise the state comes back as it was. Checking these inputs of the update, not the new state, lets
     XLA fuse the choice into the optimiser's own pass over the parameters and moments: checking the new state too
     took a second pass over all of them (measured: benchmarks/README.md). An update that overflows from finite
-    inputs is left to the next step's loss and to `checkpoints.save`, which refuses a non-finite state.
+    inputs is caught by the next step's loss, or by the trainer's state check before it evaluates or saves.
     """
     k = optimizer.accumulation_steps
     previous = jax.tree.leaves(state)  # the arrays themselves: nnx.merge reuses the state's Variables, updated below
@@ -169,6 +171,9 @@ def train_step(
 
 def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+_all_finite_jit = jax.jit(_all_finite)
 
 
 def _keep_if_not(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
@@ -329,17 +334,17 @@ class _NonFiniteGuard:
             return "no checkpoint was saved yet"
         return f"the newest checkpoint, step {latest}, is in {self.workdir}/checkpoints"
 
-    def save(self, step: int, state: TrainState, *args: Any, **kwargs: Any) -> None:
-        """`checkpoints.save`, stopping the run when an update from finite inputs overflowed (the step checks its
-        inputs only, `train_step`): the state is not saved."""
-        try:
-            checkpoints.save(self.manager, step, state, *args, **kwargs)
-        except checkpoints.NonFiniteStateError as error:
-            raise NonFiniteError(
-                f"step {step}: the update overflowed ({error.key} has NaN or infinite values although the loss, "
-                f"gradients and learning rate were finite); stopped without saving it ({self._kept()}): lower "
-                "config.optimizer.lr"
-            ) from None
+    def check_state(self, step: int, state: TrainState) -> None:
+        """Raises NonFiniteError when the state is not finite although every step's inputs were: an update that
+        overflowed (the step checks its inputs only, `train_step`). Called before evaluating or saving, so a
+        non-finite model is neither evaluated nor saved; no policy can skip it, the step is already applied."""
+        if bool(_all_finite_jit([x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)])):
+            return
+        raise NonFiniteError(
+            f"step {step}: the parameters or optimiser moments are not finite although every step's loss, gradients "
+            f"and learning rate were (an update at or before step {step} overflowed); stopped without saving it "
+            f"({self._kept()}): lower config.optimizer.lr"
+        )
 
 
 def train(
@@ -416,9 +421,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: threading.Even
             stopped = interrupts.requested(manager, step, stop)
             evaluating = bool(eval_every) and (step % eval_every == 0 or step == num_steps)
             logging_now = step % config.train.log_every == 0 or step == num_steps
-            if logging_now or evaluating or stopped or step == num_steps or manager.should_save(step):
+            saving = stopped or step == num_steps or manager.should_save(step)
+            if logging_now or evaluating or saving:
                 guard.check(*unchecked)  # before anything of this step is logged, evaluated or saved
                 unchecked = None
+            if evaluating or saving:
+                guard.check_state(step, state)
             if logging_now:
                 progress.log(step, float(step_metrics["loss"]), data_iterator.num_skipped)
             evaluated = None
@@ -427,7 +435,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: threading.Even
                 results = evaluate.evaluate(model, config, step=step, workdir=workdir, writer=writer)
                 evaluated = {name: results[name] for name in ("mIoU", "mAcc", "aAcc")}
                 progress.restart(step)
-            guard.save(step, state, data_iterator, evaluated, force=stopped or step == num_steps)
+            checkpoints.save(manager, step, state, data_iterator, evaluated, force=stopped or step == num_steps)
             if stopped:
                 break
         checkpoints.wait_for_saves(manager)
