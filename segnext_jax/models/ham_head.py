@@ -54,11 +54,11 @@ def _nmf_forward(x: jax.Array, bases: jax.Array, steps: int, inv_t: float):
     """The iterations, keeping what the backward pass needs: every bases, coef and numerator, all (N or D) x R."""
     coef = jax.nn.softmax(inv_t * _x_bases(x, bases), axis=-1)
     all_bases, coefs, coef_numerators, bases_numerators = [bases], [coef], [], []
-    for _ in range(steps + 1):
+    for step in range(steps + 1):  # `steps` (coef, bases) updates, then the final coef update
         coef_numerators.append(_x_bases(x, bases))
         coef = _coef_from(coef_numerators[-1], bases, coef)
         coefs.append(coef)
-        if len(bases_numerators) < steps:
+        if step < steps:
             bases_numerators.append(_x_coef(x, coef))
             bases = _bases_from(bases_numerators[-1], bases, coef)
             all_bases.append(bases)

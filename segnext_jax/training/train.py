@@ -149,12 +149,12 @@ def train_step(
     batch = jax.lax.with_sharding_constraint(batch, sharding.data_sharding(mesh))
     keys = jax.random.split(jax.random.fold_in(state["rng"], step), k)
     model_state, opt_state = state["model"], state["opt_state"]
-    losses, finite = [], jnp.array(True)
+    losses, finite = [], optimizer.rates_finite(step)
     for j in range(k):  # unrolled: XLA:CPU runs the step several times slower inside a lax.scan
         images, labels = (x.reshape(x.shape[0] // k, k, *x.shape[1:])[:, j] for x in (batch["image"], batch["label"]))
         model = nnx.merge(graphdef, model_state)
         loss, grads = nnx.value_and_grad(_loss)(model, images, labels, keys[j])
-        finite &= jnp.isfinite(loss) & _all_finite(grads) & optimizer.rates_finite(step)
+        finite &= jnp.isfinite(loss) & _all_finite(grads)
         params = nnx.as_pure(nnx.state(model, nnx.Param))
         updates, opt_state = optimizer.tx.update(nnx.as_pure(grads), opt_state, params)
         new_params = optax.apply_updates(params, updates)
